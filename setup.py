@@ -1,0 +1,25 @@
+"""Install keras_drnet: `pip install -e ".[test]"`."""
+
+import setuptools
+
+setuptools.setup(
+    name="keras_drnet",
+    version="0.1.0",
+    description=(
+        "DRNet for Keras 3: dissect a trained ConvNet into per-class channel "
+        "importance and run only the channels a sub-task needs."
+    ),
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["keras_drnet", "keras_drnet.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3.4",
+        "tensorflow-datasets",
+        "numpy",
+        "absl-py",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"]},
+)
