@@ -1,0 +1,8 @@
+"""keras_drnet: DRNet (dissect and reconstruct ConvNets) for Keras 3."""
+
+from keras_drnet import model_surgery
+from keras_drnet.channel_gate import ChannelGate
+from keras_drnet.model_surgery import inject_gates
+from keras_drnet.model_surgery import list_gates
+
+__version__ = "0.1.0"

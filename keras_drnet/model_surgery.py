@@ -1,0 +1,283 @@
+"""Put a `ChannelGate` after every ReLU of a Keras model, and list the gates."""
+
+import dataclasses
+
+import keras
+
+from keras_drnet.channel_gate import ChannelGate
+
+_RELU_ACTIVATIONS = ("relu", "relu6")
+_RELU_OPS = ("Relu", "Relu6")
+_SELECTIONS = ("all", "conv", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class GateSpec:
+    """One gate of a gated model.
+
+    Attributes:
+        name: path of the gate in the model, `"submodel/conv1_gate"` for a
+            gate inside a nested model.
+        source: name of the layer or op whose output the gate scales.
+        channels: number of gated channels.
+        layer: the `ChannelGate` layer itself.
+    """
+
+    name: str
+    source: str
+    channels: int
+    layer: ChannelGate
+
+
+def _activation_name(op):
+    """Name of the ReLU-family activation `op` ends with, or `None`."""
+    if isinstance(op, ChannelGate):
+        return None
+    if isinstance(op, keras.layers.ReLU):
+        return "relu"
+    if type(op).__name__ in _RELU_OPS and not isinstance(op, keras.Layer):
+        return type(op).__name__.lower()
+    activation = getattr(op, "activation", None)
+    if callable(activation):
+        name = getattr(activation, "__name__", None)
+        if name in _RELU_ACTIVATIONS and activation is keras.activations.get(
+            name
+        ):
+            return name
+    return None
+
+
+def _channel_axis(op):
+    return 1 if getattr(op, "data_format", None) == "channels_first" else -1
+
+
+def _selected(select, op, output):
+    if callable(select):
+        return bool(select(op, output))
+    rank = len(output.shape)
+    return select == "all" or (select == "conv") == (rank > 2)
+
+
+def _as_functional(model):
+    if isinstance(model, keras.Sequential):
+        if not model.built or not model.inputs:
+            raise ValueError(
+                f"Sequential model '{model.name}' is not built, so its graph "
+                "is unknown. Build it first, e.g. start it with "
+                "`keras.Input(shape)` or call `model.build(input_shape)`."
+            )
+        return keras.Model(model.inputs, model.outputs, name=model.name)
+    return model
+
+
+def _check_cloneable(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "Expected a `keras.Model` (Sequential or functional). "
+            f"Received: model={model!r} of type {type(model).__name__}"
+        )
+    is_graph = isinstance(model, keras.Sequential) or hasattr(
+        model, "_nodes_by_depth"
+    )
+    if not is_graph:
+        raise ValueError(
+            f"Model '{model.name}' is a subclassed `keras.Model` "
+            f"({type(model).__name__}); its layer graph is hidden in `call()`, "
+            "so gates cannot be placed. Rebuild it with the functional API or "
+            "`keras.Sequential` (subclassed layers inside are fine)."
+        )
+
+
+def inject_gates(model, select="all"):
+    """Returns a copy of `model` with a `ChannelGate` after every ReLU.
+
+    ReLU-family means any layer with a fused `relu`/`relu6` activation
+    (Conv1D/2D/3D, DepthwiseConv2D, SeparableConv2D, Dense, `Activation`),
+    `keras.layers.ReLU` with any arguments, and `keras.ops.relu` /
+    `keras.ops.relu6` called in a functional graph. A fused activation's
+    output is already post-ReLU, so its gate goes right after the layer.
+    Nested models are gated recursively; a layer called at several places
+    gets one gate per call site. Layers are copied with their weights: the
+    gated model shares nothing with `model`, and with all gates at 1 it
+    computes exactly the same function.
+
+    Args:
+        model: a built Sequential or functional `keras.Model`.
+        select: which activations get a gate: `"all"` (default), `"conv"`
+            (feature maps: rank > 2), `"dense"` (rank-2 outputs), or a callable
+            `fn(source, output) -> bool` receiving the activation's layer or op
+            and its output `KerasTensor`.
+
+    Returns:
+        A functional `keras.Model` whose gates are `ChannelGate` layers; list
+        them with `list_gates()`.
+
+    Example:
+
+    ```python
+    model = keras.applications.VGG16(
+        weights=None, input_shape=(32, 32, 3), classes=10
+    )
+    gated = keras_drnet.model_surgery.inject_gates(model)
+    [g.name for g in keras_drnet.model_surgery.list_gates(gated)][:2]
+    # ['block1_conv1_gate', 'block1_conv2_gate']
+    ```
+    """
+    _check_cloneable(model)
+    if not (callable(select) or select in _SELECTIONS):
+        raise ValueError(
+            f"`select` must be one of {list(_SELECTIONS)} or a callable "
+            f"`fn(source, output) -> bool`. Received: select={select!r}"
+        )
+    gated = _inject(model, select)
+    if not list_gates(gated):
+        found = sorted(_activations_in(model))
+        raise ValueError(
+            f"Model '{model.name}' has no ReLU activation that `select` "
+            f"accepts, so there is nothing to gate. DRNet gates ReLU/ReLU6 "
+            f"channels. Activations found: {found}. Received: "
+            f"select={select!r}"
+        )
+    return gated
+
+
+def _inject(model, select):
+    functional = _as_functional(model)
+    originals = {}
+    call_sites = {}
+    names = {layer.name for layer in functional.layers}
+
+    def clone_function(op):
+        if isinstance(op, keras.layers.InputLayer) or not isinstance(
+            op, keras.Layer
+        ):
+            return op
+        if isinstance(op, keras.Model):
+            _check_cloneable(op)
+            return _inject(op, select)
+        clone = op.__class__.from_config(op.get_config())
+        originals[id(clone)] = (op, clone)
+        return clone
+
+    def unique_name(base):
+        name, k = base, 1
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.add(name)
+        return name
+
+    def call_function(op, *args, **kwargs):
+        outputs = op(*args, **kwargs)
+        if _activation_name(op) is None or not _selected(select, op, outputs):
+            return outputs
+        site = call_sites.get(op.name, 0)
+        call_sites[op.name] = site + 1
+        base = f"{op.name}_gate" if site == 0 else f"{op.name}_{site}_gate"
+        gate = ChannelGate(
+            axis=_channel_axis(op), source=op.name, name=unique_name(base)
+        )
+        return gate(outputs)
+
+    gated = keras.models.clone_model(
+        functional, clone_function=clone_function, call_function=call_function
+    )
+    for original, clone in originals.values():
+        clone.set_weights(original.get_weights())
+    return gated
+
+
+def _activations_in(model):
+    found = set()
+    for op in _as_functional(model).operations:
+        if isinstance(op, keras.Model):
+            found |= _activations_in(op)
+        elif isinstance(op, keras.layers.ReLU):
+            found.add("relu")
+        elif getattr(op, "activation", None) is not None:
+            found.add(getattr(op.activation, "__name__", repr(op.activation)))
+        elif not isinstance(op, keras.Layer):
+            found.add(type(op).__name__.lower())
+    return found
+
+
+def list_gates(model):
+    """Lists the gates of a gated model in topological order.
+
+    The order (and each gate's channel count) defines the layout of CDRPs
+    and CIVs: gate after gate, channels in order.
+
+    Args:
+        model: a model returned by `inject_gates()`.
+
+    Returns:
+        A list of `GateSpec`.
+    """
+    specs = []
+    for op in model.operations:
+        if isinstance(op, ChannelGate):
+            specs.append(GateSpec(op.name, op.source, op.channels, op))
+        elif isinstance(op, keras.Model):
+            for spec in list_gates(op):
+                specs.append(
+                    dataclasses.replace(spec, name=f"{op.name}/{spec.name}")
+                )
+    return specs
+
+
+def _is_softmax(op):
+    if isinstance(op, keras.layers.Softmax):
+        return True
+    if type(op).__name__ == "Softmax" and not isinstance(op, keras.Layer):
+        return True
+    activation = getattr(op, "activation", None)
+    return activation is keras.activations.softmax
+
+
+def split_softmax(model):
+    """Returns `(logits_model, ended_in_softmax)` for a one-output classifier.
+
+    Gate fitting and the masked softmax need the pre-softmax logits: taking
+    the log of a softmax output loses everything below float precision. If
+    the model's output comes from a softmax (a `Softmax` or
+    `Activation("softmax")` layer, `keras.ops.softmax`, or a layer with a
+    fused `activation="softmax"`, as in all of `keras.applications`), the
+    returned model stops just before it, sharing all layers with `model`
+    (a fused layer gets a linear twin holding a copy of its weights).
+    Otherwise the output is taken to be logits already.
+
+    Args:
+        model: a functional or Sequential `keras.Model` with one output.
+    """
+    _check_cloneable(model)
+    functional = _as_functional(model)
+    if len(functional.outputs) != 1:
+        raise ValueError(
+            f"Model '{model.name}' has {len(functional.outputs)} outputs; "
+            "DRNet needs a classifier with one output of class scores. Pick "
+            "it with `keras.Model(model.inputs, model.outputs[k])`."
+        )
+    output = functional.outputs[0]
+    op, node_index, _ = output._keras_history
+    if not _is_softmax(op):
+        return functional, False
+    if not hasattr(op, "activation") or isinstance(
+        op, keras.layers.Activation
+    ):
+        logits = op._inbound_nodes[node_index].input_tensors[0]
+        return keras.Model(functional.inputs, logits, name=model.name), True
+
+    linear = {}
+
+    def clone_function(layer):
+        if layer is not op:
+            return layer
+        config = layer.get_config()
+        config.update(activation="linear", name=f"{layer.name}_logits")
+        linear[0] = layer.__class__.from_config(config)
+        return linear[0]
+
+    logits_model = keras.models.clone_model(
+        functional, clone_function=clone_function
+    )
+    linear[0].set_weights(op.get_weights())
+    return logits_model, True
