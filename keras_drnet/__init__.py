@@ -2,6 +2,8 @@
 
 from keras_drnet import model_surgery
 from keras_drnet.channel_gate import ChannelGate
+from keras_drnet.gate_fitting import GateFitter
+from keras_drnet.gate_fitting import cdrp
 from keras_drnet.model_surgery import inject_gates
 from keras_drnet.model_surgery import list_gates
 

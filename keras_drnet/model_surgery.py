@@ -66,7 +66,10 @@ def _as_functional(model):
                 "is unknown. Build it first, e.g. start it with "
                 "`keras.Input(shape)` or call `model.build(input_shape)`."
             )
-        return keras.Model(model.inputs, model.outputs, name=model.name)
+        unwrap = lambda t: t[0] if len(t) == 1 else t
+        return keras.Model(
+            unwrap(model.inputs), unwrap(model.outputs), name=model.name
+        )
     return model
 
 
@@ -213,7 +216,7 @@ def list_gates(model):
         A list of `GateSpec`.
     """
     specs = []
-    for op in model.operations:
+    for op in getattr(model, "operations", model.layers):
         if isinstance(op, ChannelGate):
             specs.append(GateSpec(op.name, op.source, op.channels, op))
         elif isinstance(op, keras.Model):

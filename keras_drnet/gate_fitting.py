@@ -1,0 +1,384 @@
+"""Per-image gate fitting: the CDRP of every image, a whole batch at a time."""
+
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from keras_drnet.channel_gate import per_sample_gates
+from keras_drnet.model_surgery import inject_gates
+from keras_drnet.model_surgery import list_gates
+from keras_drnet.model_surgery import split_softmax
+
+
+class GateFitter(keras.Model):
+    """Fits one gate vector per image on a frozen gated model.
+
+    For every image `x`, gates `λ` (one per gated channel) start at 1 and take
+    `iterations` SGD-with-momentum steps on
+    `KL(softmax f(x) || softmax f(x; λ)) + gamma * ||λ||_1`, clipped to `clip`
+    after each step. If the fitted gates change the top-1 class, the image's
+    gates are reset to 1. The result is the image's CDRP.
+
+    A batch is fitted at once, each image with its own gates and momentum:
+    the batch loss is the *sum* of the per-image losses, so each image's
+    gradient is exactly its own (a mean would scale it by 1/batch). The
+    state (gates, velocity) is carried as tensors, not variables, so every
+    replica of a `tf.distribute` strategy fits its own images. The backbone
+    runs in inference mode (BatchNorm uses its moving statistics) and only
+    the gates are differentiated: no weight gradient is ever computed.
+
+    `train_step` is one fitting iteration; `predict_step` fits a batch and
+    returns its CDRPs, so `fitter.predict(images)` works like any Keras model.
+
+    Args:
+        gated_model: a model returned by `keras_drnet.inject_gates()`.
+        iterations: int. SGD iterations per image (paper: T = 30).
+        learning_rate: float. SGD learning rate (paper: 0.1).
+        momentum: float. SGD momentum (paper: 0.9).
+        gamma: float. Weight of the L1 term (paper: 0.05).
+        clip: `(min, max)` gate range enforced after each step (paper: [0, 10]).
+        **kwargs: Base model keyword arguments, such as `name`.
+
+    Example:
+
+    ```python
+    gated = keras_drnet.inject_gates(model)
+    fitter = keras_drnet.GateFitter(gated)
+    cdrps = fitter.predict(images, batch_size=64)  # [N, total_channels]
+    ```
+
+    Reference:
+        DRNet, sec. 3.1 (formulas 1, 2) and sec. 4.1 (hyperparameters).
+    """
+
+    def __init__(
+        self,
+        gated_model,
+        iterations=30,
+        learning_rate=0.1,
+        momentum=0.9,
+        gamma=0.05,
+        clip=(0.0, 10.0),
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        _check_hyperparameters(iterations, learning_rate, momentum, gamma, clip)
+        self.gated_model = gated_model
+        self.iterations = iterations
+        self.learning_rate = learning_rate
+        self.momentum = momentum
+        self.gamma = gamma
+        self.clip = clip
+        self._logits_model, _ = split_softmax(gated_model)
+        self._gates = [spec.layer for spec in list_gates(gated_model)]
+        if not self._gates:
+            raise ValueError(
+                f"Model '{gated_model.name}' has no `ChannelGate`. Pass the "
+                "model returned by `keras_drnet.inject_gates(model)`."
+            )
+        self._sizes = [gate.channels for gate in self._gates]
+
+    @property
+    def total_channels(self):
+        return sum(self._sizes)
+
+    def logits(self, images, gates):
+        """Logits of the gated model with per-image gates `[batch, total]`."""
+        values = ops.split(gates, np.cumsum(self._sizes)[:-1].tolist(), axis=1)
+        with per_sample_gates(self._gates, values):
+            return ops.cast(
+                self._logits_model(images, training=False), "float32"
+            )
+
+    def train_step(self, state):
+        """One SGD iteration for every image's gates.
+
+        Args:
+            state: dict with `images`, `target` (log-probabilities of the
+                ungated model), `gates` and `velocity` (`[batch, total]`).
+
+        Returns:
+            The state with updated `gates` and `velocity`, and the
+            per-image `loss` before the update.
+        """
+        gates = state["gates"]
+        with tf.GradientTape() as tape:
+            tape.watch(gates)
+            log_q = ops.log_softmax(self.logits(state["images"], gates))
+            target = state["target"]
+            kl = ops.sum(ops.exp(target) * (target - log_q), axis=-1)
+            loss = kl + self.gamma * ops.sum(ops.abs(gates), axis=-1)
+            total = ops.sum(loss)
+        grads = tape.gradient(total, gates)
+        # Same update as keras.optimizers.SGD(momentum=...), and as torch's
+        # SGD for a constant learning rate.
+        velocity = self.momentum * state["velocity"] - self.learning_rate * grads
+        # Paper sec. 4.1: clip the gates after every iteration.
+        gates = ops.clip(gates + velocity, self.clip[0], self.clip[1])
+        return dict(state, gates=gates, velocity=velocity, loss=loss)
+
+    def predict_step(self, data):
+        images = data[0] if isinstance(data, (tuple, list)) else data
+        ones = ops.ones((ops.shape(images)[0], self.total_channels))
+        logits = self.logits(images, ones)
+        state = {
+            "images": images,
+            "target": ops.log_softmax(logits),
+            "gates": ones,
+            "velocity": ops.zeros_like(ones),
+            "loss": ops.zeros_like(ones[:, 0]),
+        }
+        for _ in tf.range(self.iterations):
+            state = self.train_step(state)
+        # Paper sec. 4.1: keep the top-1 prediction; reset the gates if not.
+        fitted_top1 = ops.argmax(self.logits(images, state["gates"]), axis=-1)
+        kept = ops.equal(fitted_top1, ops.argmax(logits, axis=-1))
+        return ops.where(kept[:, None], state["gates"], ones)
+
+    def fit(self, *args, **kwargs):
+        raise NotImplementedError(
+            "GateFitter fits gates per image inside `predict()`; call "
+            "`fitter.predict(images)` or `keras_drnet.cdrp(model, images)`."
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "gated_model": keras.saving.serialize_keras_object(
+                    self.gated_model
+                ),
+                "iterations": self.iterations,
+                "learning_rate": self.learning_rate,
+                "momentum": self.momentum,
+                "gamma": self.gamma,
+                "clip": tuple(self.clip),
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config["gated_model"] = keras.saving.deserialize_keras_object(
+            config["gated_model"]
+        )
+        return cls(**config)
+
+
+def _check_hyperparameters(iterations, learning_rate, momentum, gamma, clip):
+    if not isinstance(iterations, (int, np.integer)) or iterations < 1:
+        raise ValueError(
+            f"`iterations` must be a positive int. Received: "
+            f"iterations={iterations!r}"
+        )
+    for name, value in [
+        ("learning_rate", learning_rate),
+        ("momentum", momentum),
+        ("gamma", gamma),
+    ]:
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(
+                f"`{name}` must be a non-negative number. Received: "
+                f"{name}={value!r}"
+            )
+    if len(tuple(clip)) != 2 or not clip[0] < clip[1]:
+        raise ValueError(
+            "`clip` must be a pair `(min, max)` with min < max. "
+            f"Received: clip={clip!r}"
+        )
+
+
+def gated(model, select="all"):
+    """`model` itself if it already has gates, else `inject_gates(model)`."""
+    if isinstance(model, keras.Model) and list_gates(model):
+        return model
+    return inject_gates(model, select=select)
+
+
+class BatchFitter:
+    """Runs a `GateFitter` over fixed-size batches as one compiled function.
+
+    Batches are padded to `batch_size` (a multiple of the replica count), so
+    the function is traced once and a short last batch costs no retrace;
+    padding rows are fitted and dropped, which changes nothing for the real
+    images since images do not interact. Under a `tf.distribute` strategy,
+    each replica fits its slice of the batch.
+    """
+
+    def __init__(self, fitter, batch_size, strategy=None, jit_compile=False):
+        self.fitter = fitter
+        self.strategy = strategy or tf.distribute.get_strategy()
+        replicas = self.strategy.num_replicas_in_sync
+        self.batch_size = -(-batch_size // replicas) * replicas
+        self._per_replica = self.batch_size // replicas
+        self._step = tf.function(fitter.predict_step, jit_compile=jit_compile)
+        self._run = tf.function(self._distributed)
+
+    def _distributed(self, images):
+        def shard(context):
+            start = context.replica_id_in_sync_group * self._per_replica
+            return images[start : start + self._per_replica]
+
+        values = self.strategy.experimental_distribute_values_from_function(
+            shard
+        )
+        cdrps = self.strategy.run(self._step, args=(values,))
+        return tf.concat(self.strategy.experimental_local_results(cdrps), 0)
+
+    def __call__(self, images):
+        count = len(images)
+        if count < self.batch_size:
+            pad = np.zeros(
+                (self.batch_size - count,) + images.shape[1:], images.dtype
+            )
+            images = np.concatenate([images, pad])
+        return self._run(tf.constant(images)).numpy()[:count]
+
+
+def image_batches(images, batch_size, input_shape, dtype):
+    """Yields numpy image batches of `batch_size` from an array or dataset."""
+    if isinstance(images, tf.data.Dataset):
+        spec = images.element_spec
+        if isinstance(spec, tuple):
+            images = images.map(lambda x, *_: x)
+            spec = spec[0]
+        if spec.shape.rank == len(input_shape):
+            images = images.unbatch()
+        elif spec.shape.rank != len(input_shape) - 1:
+            raise ValueError(
+                f"Expected images of shape {tuple(input_shape[1:])} (or "
+                f"batches of them). Received: element_spec={spec}"
+            )
+        _check_image_shape(spec.shape[-len(input_shape) + 1 :], input_shape)
+        for batch in images.batch(batch_size).as_numpy_iterator():
+            yield batch.astype(dtype, copy=False)
+        return
+    images = np.asarray(images)
+    if images.ndim != len(input_shape):
+        raise ValueError(
+            f"Expected an array of images of shape (N,) + "
+            f"{tuple(input_shape[1:])}. Received: shape={images.shape}"
+        )
+    _check_image_shape(images.shape[1:], input_shape)
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size].astype(dtype, copy=False)
+
+
+def _check_image_shape(shape, input_shape):
+    expected = tuple(input_shape[1:])
+    shape = tuple(shape)
+    if len(shape) != len(expected) or any(
+        e is not None and s is not None and e != s
+        for s, e in zip(shape, expected)
+    ):
+        raise ValueError(
+            f"Images must have the model's input shape {expected}. "
+            f"Received: image shape {shape}. Resize them first, e.g. "
+            "`ds.map(lambda x, y: (keras.ops.image.resize(x, size), y))`."
+        )
+
+
+def model_input_shape(model):
+    if len(model.inputs) != 1:
+        raise ValueError(
+            f"Model '{model.name}' has {len(model.inputs)} inputs; gate "
+            "fitting needs a classifier with one image input."
+        )
+    return tuple(model.inputs[0].shape), model.inputs[0].dtype
+
+
+def cdrp(
+    model,
+    images,
+    iterations=30,
+    learning_rate=0.1,
+    momentum=0.9,
+    gamma=0.05,
+    clip=(0.0, 10.0),
+    batch_size=64,
+    select="all",
+    strategy=None,
+    jit_compile=False,
+    verbose=0,
+):
+    """Computes the CDRP (fitted gate vector) of every image.
+
+    Args:
+        model: a Keras classifier (ending in logits or in a softmax), or a
+            model already returned by `inject_gates()`.
+        images: numpy array `[N, ...]` or `tf.data.Dataset` of images (or of
+            `(image, label)` pairs, batched or not), preprocessed as `model`
+            expects them.
+        iterations, learning_rate, momentum, gamma, clip: the fitting
+            hyperparameters; defaults are the paper's (sec. 4.1).
+        batch_size: int. Images fitted at once.
+        select: which ReLUs get gates when `model` has none yet; see
+            `inject_gates()`.
+        strategy: a `tf.distribute.Strategy`; defaults to the current one.
+        jit_compile: bool. Compile the fitting step with XLA.
+        verbose: 0 or 1, show a progress bar.
+
+    Returns:
+        float32 array `[N, total_gated_channels]`, channels in the order of
+        `list_gates()`.
+
+    Example:
+
+    ```python
+    cdrps = keras_drnet.cdrp(model, x_test[:100])
+    ```
+    """
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(
+            f"`batch_size` must be a positive int. Received: "
+            f"batch_size={batch_size!r}"
+        )
+    input_shape, dtype = model_input_shape(model)
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        fitter = GateFitter(
+            gated(model, select),
+            iterations=iterations,
+            learning_rate=learning_rate,
+            momentum=momentum,
+            gamma=gamma,
+            clip=clip,
+        )
+    run = BatchFitter(fitter, batch_size, strategy, jit_compile)
+    progbar = Progress(None, verbose)
+    results = []
+    for batch in image_batches(images, run.batch_size, input_shape, dtype):
+        results.append(run(batch))
+        progbar.add(len(batch))
+    progbar.finish()
+    if not results:
+        return np.zeros((0, fitter.total_channels), "float32")
+    return np.concatenate(results)
+
+
+class Progress:
+    """A `keras.utils.Progbar` counting images, with images/s."""
+
+    def __init__(self, target, verbose):
+        self.done = 0
+        self._start = time.perf_counter()
+        self._bar = (
+            keras.utils.Progbar(
+                target, unit_name="image", stateful_metrics=["images/s"]
+            )
+            if verbose
+            else None
+        )
+
+    def add(self, count):
+        self.done += count
+        if self._bar is not None:
+            rate = self.done / max(time.perf_counter() - self._start, 1e-9)
+            self._bar.update(self.done, values=[("images/s", rate)])
+
+    def finish(self):
+        if self._bar is not None and self._bar.target is None:
+            self._bar.update(self.done, finalize=True)
