@@ -252,7 +252,7 @@ def image_batches(images, batch_size, input_shape, dtype):
                 f"Expected images of shape {tuple(input_shape[1:])} (or "
                 f"batches of them). Received: element_spec={spec}"
             )
-        _check_image_shape(spec.shape[-len(input_shape) + 1 :], input_shape)
+        check_image_shape(spec.shape[-len(input_shape) + 1 :], input_shape)
         for batch in images.batch(batch_size).as_numpy_iterator():
             yield batch.astype(dtype, copy=False)
         return
@@ -262,12 +262,12 @@ def image_batches(images, batch_size, input_shape, dtype):
             f"Expected an array of images of shape (N,) + "
             f"{tuple(input_shape[1:])}. Received: shape={images.shape}"
         )
-    _check_image_shape(images.shape[1:], input_shape)
+    check_image_shape(images.shape[1:], input_shape)
     for start in range(0, len(images), batch_size):
         yield images[start : start + batch_size].astype(dtype, copy=False)
 
 
-def _check_image_shape(shape, input_shape):
+def check_image_shape(shape, input_shape):
     expected = tuple(input_shape[1:])
     shape = tuple(shape)
     if len(shape) != len(expected) or any(
