@@ -116,9 +116,10 @@ def per_sample_gates(gates, values):
             f"Received: {len(values)} tensors"
         )
     try:
+        # Bypass Keras attribute tracking: the value is transient, not state.
         for gate, value in zip(gates, values):
-            gate._per_sample = value
+            object.__setattr__(gate, "_per_sample", value)
         yield
     finally:
         for gate in gates:
-            gate._per_sample = None
+            object.__setattr__(gate, "_per_sample", None)

@@ -7,7 +7,8 @@ import keras
 from keras_drnet.channel_gate import ChannelGate
 
 _RELU_ACTIVATIONS = ("relu", "relu6")
-_RELU_OPS = ("Relu", "Relu6")
+# Op classes of `keras.ops.relu`, `keras.ops.relu6` and `keras.activations.relu`.
+_RELU_OPS = ("Relu", "Relu6", "ReLU")
 _SELECTIONS = ("all", "conv", "dense")
 
 
@@ -34,9 +35,10 @@ def _activation_name(op):
     if isinstance(op, ChannelGate):
         return None
     if isinstance(op, keras.layers.ReLU):
-        return "relu"
+        # A leaky ReLU passes negative values: not a ReLU in DRNet's sense.
+        return "relu" if not op.negative_slope else None
     if type(op).__name__ in _RELU_OPS and not isinstance(op, keras.Layer):
-        return type(op).__name__.lower()
+        return "relu" if not getattr(op, "negative_slope", 0) else None
     activation = getattr(op, "activation", None)
     if callable(activation):
         name = getattr(activation, "__name__", None)
@@ -47,8 +49,21 @@ def _activation_name(op):
     return None
 
 
-def _channel_axis(op):
-    return 1 if getattr(op, "data_format", None) == "channels_first" else -1
+def _channel_axis(op, tensor):
+    """Channel axis of `op`'s output: the nearest data format upstream."""
+    while True:
+        if getattr(op, "data_format", None) is not None:
+            return 1 if op.data_format == "channels_first" else -1
+        if isinstance(op, keras.layers.BatchNormalization):
+            return 1 if op.axis in (1, [1]) else -1
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            return -1
+        op = history.operation
+        node = op._inbound_nodes[history.node_index]
+        if not node.input_tensors:
+            return -1
+        tensor = node.input_tensors[0]
 
 
 def _selected(select, op, output):
@@ -100,7 +115,10 @@ def inject_gates(model, select="all"):
     `keras.ops.relu6` called in a functional graph. A fused activation's
     output is already post-ReLU, so its gate goes right after the layer.
     Nested models are gated recursively; a layer called at several places
-    gets one gate per call site. Layers are copied with their weights: the
+    gets one gate per call site. A nested model called at several places
+    keeps its weights shared, so its gates are shared too. The channel axis
+    is the last one unless the nearest layer upstream with a `data_format`
+    (or a BatchNormalization) says `channels_first`. Layers are copied with their weights: the
     gated model shares nothing with `model`, and with all gates at 1 it
     computes exactly the same function.
 
@@ -176,9 +194,8 @@ def _inject(model, select):
         site = call_sites.get(op.name, 0)
         call_sites[op.name] = site + 1
         base = f"{op.name}_gate" if site == 0 else f"{op.name}_{site}_gate"
-        gate = ChannelGate(
-            axis=_channel_axis(op), source=op.name, name=unique_name(base)
-        )
+        axis = _channel_axis(op, args[0]) if len(outputs.shape) > 2 else -1
+        gate = ChannelGate(axis=axis, source=op.name, name=unique_name(base))
         return gate(outputs)
 
     gated = keras.models.clone_model(
@@ -267,7 +284,9 @@ def split_softmax(model):
         op, keras.layers.Activation
     ):
         logits = op._inbound_nodes[node_index].input_tensors[0]
-        return keras.Model(functional.inputs, logits, name=model.name), True
+        inputs = functional.inputs
+        inputs = inputs[0] if len(inputs) == 1 else inputs
+        return keras.Model(inputs, logits, name=model.name), True
 
     linear = {}
 
