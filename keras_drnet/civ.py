@@ -44,10 +44,14 @@ def model_fingerprint(model):
     """SHA-256 over the shapes and values of all of `model`'s weights.
 
     CIVs carry it so that a later stage can refuse CIVs fitted on another
-    model (or on the same architecture with other weights).
+    model (or on the same architecture with other weights). Gate values are
+    left out: a gated copy has the fingerprint of its original.
     """
+    gate_weights = {id(spec.layer.gate) for spec in list_gates(model)}
     digest = hashlib.sha256()
     for weight in model.weights:
+        if id(weight) in gate_weights:
+            continue
         value = keras.ops.convert_to_numpy(weight)
         digest.update(str((value.shape, str(value.dtype))).encode())
         digest.update(np.ascontiguousarray(value).tobytes())

@@ -1,0 +1,171 @@
+"""CIVs of a sub-task's classes -> one 0/1 vector of channels to run (CCIV)."""
+
+import dataclasses
+
+import numpy as np
+
+_METHODS = ("union", "xor")
+_EMPTY_GATES = ("keep_best", "allow")
+
+
+@dataclasses.dataclass(frozen=True)
+class CCIV:
+    """A Combined Channel Importance Vector: which channels a sub-task runs.
+
+    Attributes:
+        mask: float32 0/1 array over all gated channels, in `layout` order.
+        layout: tuple of `LayoutEntry` (gate path, source, channels).
+        classes: indices of the sub-task's classes.
+        method: `"union"` or `"xor"`.
+        threshold: the threshold applied to the scores (chosen by the
+            budget when one was given).
+        scores: the per-channel scores the threshold was applied to.
+    """
+
+    mask: np.ndarray
+    layout: tuple
+    classes: tuple
+    method: str
+    threshold: float
+    scores: np.ndarray
+
+    def __array__(self, dtype=None, copy=None):
+        return self.mask if dtype is None else self.mask.astype(dtype)
+
+    @property
+    def kept_fraction(self):
+        return float(self.mask.mean())
+
+    def per_gate(self):
+        """`{gate name: 0/1 mask}`, one array per gate."""
+        splits = np.cumsum([entry.channels for entry in self.layout])[:-1]
+        names = [entry.name for entry in self.layout]
+        return dict(zip(names, np.split(self.mask, splits)))
+
+
+def resolve_classes(civs, classes):
+    """Sorted, validated class indices from names and/or indices."""
+    if isinstance(classes, (str, int, np.integer)):
+        raise TypeError(
+            "`classes` must be a list of class names or indices, e.g. "
+            f"['cat', 'dog']. Received: classes={classes!r}"
+        )
+    classes = list(classes)
+    if not classes:
+        raise ValueError(
+            "`classes` is empty: a sub-task needs at least one class. "
+            f"Known classes: {civs.class_names}"
+        )
+    indices = [civs.index(cls) for cls in classes]
+    if len(set(indices)) != len(indices):
+        seen, duplicates = set(), []
+        for cls, index in zip(classes, indices):
+            if index in seen:
+                duplicates.append(cls)
+            seen.add(index)
+        raise ValueError(
+            f"`classes` names the same class more than once: {duplicates}. "
+            f"Received: classes={classes}"
+        )
+    return tuple(indices)
+
+
+def combine(
+    civs,
+    classes,
+    method="union",
+    threshold=None,
+    budget=None,
+    empty_gates="keep_best",
+):
+    """Combines the CIVs of `classes` into a CCIV.
+
+    - `"union"` (paper formula 3): channel j runs iff
+      `max_c civs[c, j] >= threshold`.
+    - `"xor"` (formula 4, two classes only): channel j runs iff
+      `|civs[a, j] - civs[b, j]| >= threshold`.
+
+    Instead of a threshold, `budget` keeps that fraction of all gated
+    channels: the `round(budget * total)` highest scores (ties broken by
+    channel order), which is the threshold that meets the budget.
+
+    A gate whose channels would all be switched off makes every layer after
+    it see a constant, so by default (`empty_gates="keep_best"`) such a gate
+    keeps its single highest-scoring channel, which can add at most one
+    channel per gate to the count the threshold or budget gives.
+    `empty_gates="allow"` keeps the paper's semantics exactly.
+
+    Args:
+        civs: `keras_drnet.CIVs`.
+        classes: list of class names or indices.
+        method: `"union"` or `"xor"`.
+        threshold: float, the paper's `union_thr` / `xor_thr`.
+        budget: float in (0, 1], fraction of channels to keep.
+        empty_gates: `"keep_best"` or `"allow"`.
+
+    Returns:
+        `CCIV`.
+
+    Example:
+
+    ```python
+    cciv = keras_drnet.combine(civs, ["cat", "dog"], threshold=6e-3)
+    cciv.kept_fraction
+    ```
+    """
+    if method not in _METHODS:
+        raise ValueError(
+            f"`method` must be one of {list(_METHODS)}. "
+            f"Received: method={method!r}"
+        )
+    if empty_gates not in _EMPTY_GATES:
+        raise ValueError(
+            f"`empty_gates` must be one of {list(_EMPTY_GATES)}. "
+            f"Received: empty_gates={empty_gates!r}"
+        )
+    if (threshold is None) == (budget is None):
+        raise ValueError(
+            "Pass exactly one of `threshold` (e.g. the paper's union_thr "
+            "6e-3) or `budget` (fraction of channels to keep, e.g. 0.3). "
+            f"Received: threshold={threshold!r}, budget={budget!r}"
+        )
+    if budget is not None and not 0 < budget <= 1:
+        raise ValueError(
+            "`budget` is the fraction of channels to keep, in (0, 1]. "
+            f"Received: budget={budget!r}"
+        )
+    indices = resolve_classes(civs, classes)
+    vectors = civs.vectors[list(indices)]
+    if method == "union":
+        scores = vectors.max(axis=0)
+    else:
+        if len(indices) != 2:
+            raise ValueError(
+                "`method='xor'` (soft XOR, paper formula 4) combines exactly "
+                f"two classes. Received: {len(indices)} classes "
+                f"{list(classes)}; use method='union' for other counts."
+            )
+        scores = np.abs(vectors[0] - vectors[1])
+    if budget is not None:
+        keep = max(1, int(round(budget * scores.size)))
+        order = np.argsort(-scores, kind="stable")
+        mask = np.zeros(scores.size, "float32")
+        mask[order[:keep]] = 1.0
+        threshold = float(scores[order[keep - 1]])
+    else:
+        mask = (scores >= threshold).astype("float32")
+    if empty_gates == "keep_best":
+        start = 0
+        for entry in civs.layout:
+            stop = start + entry.channels
+            if not mask[start:stop].any():
+                mask[start + int(np.argmax(scores[start:stop]))] = 1.0
+            start = stop
+    return CCIV(
+        mask=mask,
+        layout=tuple(civs.layout),
+        classes=indices,
+        method=method,
+        threshold=float(threshold),
+        scores=scores,
+    )

@@ -1,0 +1,298 @@
+"""`SubtaskModel`: the network running only a sub-task's channels and classes."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from keras_drnet.civ import CIVs
+from keras_drnet.civ import gate_layout
+from keras_drnet.civ import model_fingerprint
+from keras_drnet.gate_fitting import gated
+from keras_drnet.model_surgery import list_gates
+from keras_drnet.model_surgery import split_softmax
+from keras_drnet.reconstruction import combine
+
+
+@keras.saving.register_keras_serializable(package="keras_drnet")
+class SubtaskModel(keras.Model):
+    """A classifier restricted to a sub-task: some channels off, some classes.
+
+    Runs the gated network with the sub-task's CCIV written into the gates
+    and a masked softmax over the sub-task's classes: classes outside it get
+    probability exactly 0 and the others sum to 1. The output keeps all
+    `num_classes` columns so class indices keep their meaning. Masks live in
+    variables: `set_classes()` switches to another sub-task without
+    retracing or rebuilding anything.
+
+    Create it with `keras_drnet.subtask()`.
+
+    Args:
+        gated_model: a model returned by `keras_drnet.inject_gates()`.
+        civs: `keras_drnet.CIVs` for that model (or their config when loading).
+        classes: list of class names or indices.
+        method: `"union"` or `"xor"`; see `keras_drnet.combine()`.
+        threshold: float or `None`; see `keras_drnet.combine()`.
+        budget: float or `None`; see `keras_drnet.combine()`.
+        empty_gates: `"keep_best"` or `"allow"`; see `keras_drnet.combine()`.
+        **kwargs: Base model keyword arguments, such as `name`.
+
+    Example:
+
+    ```python
+    sub = keras_drnet.subtask(model, civs, ["cat", "dog"], threshold=6e-3)
+    probabilities = sub.predict(images)  # zero outside cat and dog
+    sub.predict_class_names(images)      # ['cat', 'dog', 'dog', ...]
+    sub.set_classes(["airplane", "truck"])  # no retracing
+    ```
+
+    Reference:
+        DRNet, sec. 3.2 (CCIV) and sec. 4.2 (masked softmax).
+    """
+
+    def __init__(
+        self,
+        gated_model,
+        civs,
+        classes,
+        method="union",
+        threshold=None,
+        budget=None,
+        empty_gates="keep_best",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(civs, dict):
+            civs = _civs_from_config(civs)
+        self.gated_model = gated_model
+        self.civs = civs
+        self.classes = classes
+        self.method = method
+        self.threshold = threshold
+        self.budget = budget
+        self.empty_gates = empty_gates
+        self._logits_model, self.ends_in_softmax = split_softmax(gated_model)
+        self._gates = [spec.layer for spec in list_gates(gated_model)]
+        # Stored as weights so that a saved sub-task can switch classes.
+        self.civ_vectors = self.add_weight(
+            shape=civs.vectors.shape,
+            initializer=keras.initializers.Constant(civs.vectors),
+            trainable=False,
+            name="civ_vectors",
+        )
+        self.class_mask = self.add_weight(
+            shape=(civs.num_classes,),
+            initializer="zeros",
+            trainable=False,
+            name="class_mask",
+        )
+        self.cciv = None
+        self.set_classes(classes, method, threshold, budget, empty_gates)
+
+    @property
+    def class_names(self):
+        """Names of all classes, in output order."""
+        return list(self.civs.class_names)
+
+    @property
+    def live_class_names(self):
+        """Names of the sub-task's classes."""
+        return [self.civs.class_names[i] for i in self.cciv.classes]
+
+    def set_classes(
+        self,
+        classes,
+        method=None,
+        threshold=None,
+        budget=None,
+        empty_gates=None,
+    ):
+        """Switches to another sub-task by rewriting the masks in place.
+
+        Arguments left `None` keep their current value (a new `threshold`
+        replaces the `budget` and vice versa).
+        """
+        if threshold is None and budget is None:
+            threshold, budget = self.threshold, self.budget
+        method = method or self.method
+        empty_gates = empty_gates or self.empty_gates
+        cciv = combine(
+            self.civs, classes, method, threshold, budget, empty_gates
+        )
+        for gate, mask in zip(self._gates, cciv.per_gate().values()):
+            gate.set_gate(mask)
+        live = np.zeros(self.civs.num_classes, "float32")
+        live[list(cciv.classes)] = 1.0
+        self.class_mask.assign(live)
+        self.cciv = cciv
+        self.classes = list(classes)
+        self.method = method
+        self.threshold = threshold
+        self.budget = budget
+        self.empty_gates = empty_gates
+
+    def masked_softmax(self, logits):
+        """Softmax over the live classes; exactly 0 elsewhere."""
+        logits = ops.cast(logits, "float32")
+        live = ops.greater(self.class_mask, 0.0)
+        return ops.softmax(ops.where(live, logits, float("-inf")), axis=-1)
+
+    def call(self, inputs, training=False):
+        return self.masked_softmax(self._logits_model(inputs, training=False))
+
+    def predict_class_names(self, images, batch_size=None, verbose=0):
+        """The predicted class name of every image."""
+        probabilities = self.predict(images, batch_size=batch_size, verbose=verbose)
+        return [self.civs.class_names[i] for i in np.argmax(probabilities, -1)]
+
+    def export(self, filepath, verbose=True):
+        """Writes a SavedModel for serving.
+
+        Endpoints: `serve(images)` returns the masked probabilities
+        `[batch, num_classes]`; `class_names()` returns all class names and
+        `live_classes()` the sub-task's class indices, so a server knows what
+        the columns mean.
+        """
+        spec = self.gated_model.inputs[0]
+        archive = keras.export.ExportArchive()
+        archive.track(self)
+        archive.add_endpoint(
+            "serve",
+            self.call,
+            input_signature=[tf.TensorSpec(spec.shape, spec.dtype)],
+        )
+        names = tf.constant(self.class_names)
+        live = tf.constant(list(self.cciv.classes), dtype="int32")
+        archive.add_endpoint("class_names", lambda: names, input_signature=[])
+        archive.add_endpoint("live_classes", lambda: live, input_signature=[])
+        archive.write_out(filepath, verbose=verbose)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "gated_model": keras.saving.serialize_keras_object(
+                    self.gated_model
+                ),
+                "civs": _civs_config(self.civs),
+                "classes": [
+                    int(c) if isinstance(c, (int, np.integer)) else c
+                    for c in self.classes
+                ],
+                "method": self.method,
+                "threshold": self.threshold,
+                "budget": self.budget,
+                "empty_gates": self.empty_gates,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config["gated_model"] = keras.saving.deserialize_keras_object(
+            config["gated_model"]
+        )
+        return cls(**config)
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        # The CIVs were restored into `civ_vectors`: make `civs` match.
+        self.civs = CIVs(
+            keras.ops.convert_to_numpy(self.civ_vectors),
+            self.civs.class_names,
+            self.civs.counts,
+            self.civs.layout,
+            self.civs.fingerprint,
+            self.civs.config,
+        )
+
+
+def _civs_config(civs):
+    return {
+        "class_names": civs.class_names,
+        "counts": civs.counts.tolist(),
+        "layout": [[e.name, e.source, e.channels] for e in civs.layout],
+        "fingerprint": civs.fingerprint,
+        "config": civs.config,
+    }
+
+
+def _civs_from_config(config):
+    # Vectors are weights of the model; they are restored after __init__.
+    total = sum(entry[2] for entry in config["layout"])
+    vectors = np.zeros((len(config["class_names"]), total), "float32")
+    return CIVs(
+        vectors,
+        config["class_names"],
+        config["counts"],
+        config["layout"],
+        config["fingerprint"],
+        config["config"],
+    )
+
+
+def subtask(
+    model,
+    civs,
+    classes,
+    method="union",
+    threshold=None,
+    budget=None,
+    empty_gates="keep_best",
+):
+    """Builds the `SubtaskModel` of `model` for `classes`.
+
+    Args:
+        model: the classifier `civs` were dissected from.
+        civs: `keras_drnet.CIVs` from `keras_drnet.dissect(model, ...)`.
+        classes: list of class names or indices, e.g. `["cat", "dog"]`.
+        method, threshold, budget, empty_gates: how CIVs are combined; see
+            `keras_drnet.combine()`. Exactly one of `threshold`/`budget`.
+
+    Returns:
+        `SubtaskModel`.
+
+    Example:
+
+    ```python
+    civs = keras_drnet.dissect(model, train_ds, class_names=names)
+    sub = keras_drnet.subtask(model, civs, ["cat", "dog"], threshold=6e-3)
+    sub.report(test_ds).plot("layers.png")
+    sub.export("cat_dog_savedmodel")
+    ```
+    """
+    if not isinstance(civs, CIVs):
+        raise TypeError(
+            "`civs` must be `keras_drnet.CIVs` (from `keras_drnet.dissect()` "
+            f"or `CIVs.load()`). Received: {type(civs).__name__}"
+        )
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"Expected a `keras.Model`. Received: model of type "
+            f"{type(model).__name__}"
+        )
+    if civs.fingerprint != model_fingerprint(model):
+        raise ValueError(
+            "These CIVs were dissected from another model (or from this "
+            "architecture with other weights): their fingerprint does not "
+            "match `model`. Run `keras_drnet.dissect(model, ...)` on this "
+            "model, or load the CIVs file made for it."
+        )
+    select = civs.config.get("select", "all")
+    gated_model = gated(model, select if isinstance(select, str) else "all")
+    if gate_layout(gated_model) != civs.layout:
+        raise ValueError(
+            "The gates of `model` do not match the CIVs' layout (the "
+            "dissection used another `select`). Pass the gated model used "
+            "for the dissection instead."
+        )
+    return SubtaskModel(
+        gated_model,
+        civs,
+        classes,
+        method=method,
+        threshold=threshold,
+        budget=budget,
+        empty_gates=empty_gates,
+        name=f"{model.name}_subtask",
+    )
