@@ -8,6 +8,8 @@ from keras_drnet.gate_fitting import GateFitter
 from keras_drnet.gate_fitting import cdrp
 from keras_drnet.model_surgery import inject_gates
 from keras_drnet.model_surgery import list_gates
+from keras_drnet.reporting import SubtaskReport
+from keras_drnet.reporting import evaluate_subtask
 from keras_drnet.reconstruction import CCIV
 from keras_drnet.reconstruction import combine
 from keras_drnet.subtask import SubtaskModel

@@ -253,7 +253,7 @@ def _atomic_savez(path, **arrays):
     os.replace(tmp, path)
 
 
-def _labelled_elements(ds, input_shape, num_classes):
+def labelled_elements(ds, input_shape, num_classes):
     """`ds` as unbatched `(image, int label)` elements."""
     if isinstance(ds, tuple) and len(ds) == 2:
         ds = tf.data.Dataset.from_tensor_slices(ds)
@@ -410,7 +410,7 @@ def dissect(
             f"`class_names` must be {num_classes} distinct names, one per "
             f"output of the model. Received: class_names={class_names}"
         )
-    elements = _labelled_elements(ds, input_shape, num_classes)
+    elements = labelled_elements(ds, input_shape, num_classes)
 
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():

@@ -73,7 +73,8 @@ def _selected(select, op, output):
     return select == "all" or (select == "conv") == (rank > 2)
 
 
-def _as_functional(model):
+def as_functional(model):
+    """A built Sequential model as a functional one on the same layers."""
     if isinstance(model, keras.Sequential):
         if not model.built or not model.inputs:
             raise ValueError(
@@ -163,7 +164,7 @@ def inject_gates(model, select="all"):
 
 
 def _inject(model, select):
-    functional = _as_functional(model)
+    functional = as_functional(model)
     originals = {}
     call_sites = {}
     names = {layer.name for layer in functional.layers}
@@ -208,7 +209,7 @@ def _inject(model, select):
 
 def _activations_in(model):
     found = set()
-    for op in _as_functional(model).operations:
+    for op in as_functional(model).operations:
         if isinstance(op, keras.Model):
             found |= _activations_in(op)
         elif isinstance(op, keras.layers.ReLU):
@@ -269,7 +270,7 @@ def split_softmax(model):
         model: a functional or Sequential `keras.Model` with one output.
     """
     _check_cloneable(model)
-    functional = _as_functional(model)
+    functional = as_functional(model)
     if len(functional.outputs) != 1:
         raise ValueError(
             f"Model '{model.name}' has {len(functional.outputs)} outputs; "

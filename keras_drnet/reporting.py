@@ -1,0 +1,177 @@
+"""The sub-task report: accuracy and running channels, parameters, FLOPs."""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from keras_drnet.channel_flow import running_costs
+from keras_drnet.channel_gate import per_sample_gates
+from keras_drnet.civ import labelled_elements
+from keras_drnet.gate_fitting import model_input_shape
+
+
+@dataclasses.dataclass
+class SubtaskReport:
+    """A row of the paper's Table 1 plus its Figure 7, for one sub-task.
+
+    Attributes:
+        classes: the sub-task's class names.
+        images: number of test images of those classes evaluated.
+        full_net_accuracy: all channels, masked softmax ("Full-Net Acc.").
+        sub_net_accuracy: the sub-task's channels, masked softmax.
+        running_channels: fraction of gated channels that run.
+        params, running_params: parameters of the model and those that run.
+        flops, running_flops: multiply-accumulates per image, total and
+            running.
+        gates: per gate, `(name, total channels, kept channels)`.
+        layers: per layer, `keras_drnet.channel_flow.LayerCost`.
+    """
+
+    classes: list
+    images: int
+    full_net_accuracy: float
+    sub_net_accuracy: float
+    running_channels: float
+    params: int
+    running_params: int
+    flops: int
+    running_flops: int
+    gates: list
+    layers: list
+
+    @property
+    def running_params_fraction(self):
+        return self.running_params / self.params
+
+    @property
+    def running_flops_fraction(self):
+        return self.running_flops / self.flops
+
+    def __str__(self):
+        return (
+            f"sub-task {'-'.join(self.classes)} ({self.images} test images)\n"
+            f"  full-net accuracy (masked softmax): "
+            f"{self.full_net_accuracy:.2%}\n"
+            f"  sub-net accuracy:                   "
+            f"{self.sub_net_accuracy:.2%}\n"
+            f"  running channels: {self.running_channels:.1%}\n"
+            f"  running params:   {self.running_params:,} of "
+            f"{self.params:,} ({self.running_params_fraction:.1%})\n"
+            f"  running FLOPs:    {self.running_flops:,} of {self.flops:,} "
+            f"MACs/image ({self.running_flops_fraction:.1%})"
+        )
+
+    def plot(self, path=None):
+        """Bar chart of total vs running channels per gate (paper Fig. 7).
+
+        Returns the matplotlib figure; also saves it when `path` is given.
+        """
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [name.split("/")[-1].removesuffix("_gate") for name, *_ in
+                 self.gates]
+        totals = [total for _, total, _ in self.gates]
+        kept = [k for _, _, k in self.gates]
+        width = max(6.0, 0.35 * len(names))
+        fig, ax = plt.subplots(figsize=(width, 4))
+        x = np.arange(len(names))
+        ax.bar(x, totals, color="#6fa8dc", label="channels")
+        ax.bar(x, kept, color="#ea9999", label="running channels")
+        ax.set_xticks(x, names, rotation=90, fontsize=7)
+        ax.set_ylabel("channels")
+        ax.set_title(
+            f"{'-'.join(self.classes)}: {self.running_channels:.0%} channels,"
+            f" {self.running_params_fraction:.0%} params running"
+        )
+        ax.legend()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+
+def evaluate_subtask(sub, ds, batch_size=256):
+    """Evaluates a `SubtaskModel` on the test images of its classes.
+
+    Accuracy is counted over the images of `ds` whose label is one of the
+    sub-task's classes, predicting with the masked softmax, once with every
+    channel running (the paper's "Full-Net Acc.") and once with the
+    sub-task's channels. Running parameters and FLOPs count a weight of a
+    Conv/Dense/Depthwise/Separable layer only if the input channel it reads
+    can be non-zero and the output channel it writes is read downstream (see
+    `keras_drnet.channel_flow`); a BatchNormalization channel runs if it is
+    read downstream; other layers' weights always run; gates are not
+    counted. FLOPs are multiply-accumulates of the convolution and dense
+    layers per image.
+
+    Args:
+        sub: `keras_drnet.SubtaskModel`.
+        ds: `tf.data.Dataset` of `(image, label)` pairs (or batches), or a
+            tuple `(images, labels)`, preprocessed as the model expects.
+        batch_size: int. Images evaluated at once.
+
+    Returns:
+        `SubtaskReport`.
+
+    Example:
+
+    ```python
+    report = keras_drnet.evaluate_subtask(sub, test_ds)
+    print(report)
+    report.plot("cat_dog_layers.png")
+    ```
+    """
+    input_shape, dtype = model_input_shape(sub.gated_model)
+    num_classes = sub.civs.num_classes
+    elements = labelled_elements(ds, input_shape, num_classes)
+    live = tf.constant(list(sub.cciv.classes), tf.int64)
+    elements = elements.filter(
+        lambda x, y: tf.reduce_any(tf.equal(tf.cast(y, tf.int64), live))
+    )
+    gates = sub._gates
+    ones = [ops.ones((1, gate.channels)) for gate in gates]
+
+    @tf.function
+    def predict(images):
+        images = ops.cast(images, dtype)
+        batch = ops.shape(images)[0]
+        with per_sample_gates(gates, [ops.tile(o, [batch, 1]) for o in ones]):
+            full = sub(images)
+        return ops.argmax(full, -1), ops.argmax(sub(images), -1)
+
+    full_correct = sub_correct = count = 0
+    for images, labels in elements.batch(batch_size):
+        full, reduced = predict(images)
+        labels = labels.numpy()
+        full_correct += int((full.numpy() == labels).sum())
+        sub_correct += int((reduced.numpy() == labels).sum())
+        count += len(labels)
+    if count == 0:
+        raise ValueError(
+            f"`ds` has no image of the sub-task's classes "
+            f"{sub.live_class_names}: nothing to evaluate."
+        )
+    costs = running_costs(sub.gated_model)
+    mask = sub.cciv.mask
+    return SubtaskReport(
+        classes=sub.live_class_names,
+        images=count,
+        full_net_accuracy=full_correct / count,
+        sub_net_accuracy=sub_correct / count,
+        running_channels=float(mask.mean()),
+        params=sum(c.params for c in costs),
+        running_params=sum(c.running_params for c in costs),
+        flops=sum(c.macs for c in costs),
+        running_flops=sum(c.running_macs for c in costs),
+        gates=[
+            (entry.name, entry.channels, int(m.sum()))
+            for entry, m in zip(sub.cciv.layout, sub.cciv.per_gate().values())
+        ],
+        layers=costs,
+    )
