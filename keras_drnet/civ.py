@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras_drnet.gate_fitting import BatchFitter
 from keras_drnet.gate_fitting import GateFitter
 from keras_drnet.gate_fitting import Progress
+from keras_drnet.gate_fitting import is_int
 from keras_drnet.gate_fitting import check_image_shape
 from keras_drnet.gate_fitting import gated
 from keras_drnet.gate_fitting import model_input_shape
@@ -219,7 +220,14 @@ class CIVs:
                 metadata = json.loads(str(data["metadata"]))
         except FileNotFoundError:
             raise
-        except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as e:
+        except (
+            zipfile.BadZipFile,
+            ValueError,
+            KeyError,
+            OSError,
+            EOFError,
+            NotImplementedError,
+        ) as e:
             raise ValueError(
                 f"Could not read CIVs from {path!r}: the file is corrupted, "
                 f"truncated or not a CIVs file ({type(e).__name__}: {e}). "
@@ -287,9 +295,7 @@ def labelled_elements(ds, input_shape, num_classes):
     if label_rank == 1 and label_spec.shape[-1] == num_classes:
         # One-hot (or soft) labels: the class is the largest entry.
         ds = ds.map(lambda x, y: (x, tf.argmax(y, axis=-1)))
-    elif label_rank != 0 or not (
-        label_spec.dtype.is_integer or label_spec.dtype.is_floating
-    ):
+    elif label_rank != 0 or not label_spec.dtype.is_integer:
         raise ValueError(
             "Labels must be integer class indices (or one-hot vectors of "
             f"length {num_classes}). Received: label spec {label_spec}"
@@ -392,9 +398,13 @@ def dissect(
             f"Expected a `keras.Model`. Received: model of type "
             f"{type(model).__name__}"
         )
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(
+            f"`batch_size` must be a positive int. Received: "
+            f"batch_size={batch_size!r}"
+        )
     if samples_per_class is not None and (
-        not isinstance(samples_per_class, (int, np.integer))
-        or samples_per_class < 1
+        not is_int(samples_per_class) or samples_per_class < 1
     ):
         raise ValueError(
             "`samples_per_class` must be a positive int or None (all "
@@ -425,13 +435,16 @@ def dissect(
     run = BatchFitter(fitter, batch_size, strategy, jit_compile)
     layout = gate_layout(fitter.gated_model)
     fingerprint = model_fingerprint(model)
+    # Plain Python numbers: the settings are written as JSON.
     config = {
-        "samples_per_class": samples_per_class,
-        "iterations": iterations,
-        "learning_rate": learning_rate,
-        "momentum": momentum,
-        "gamma": gamma,
-        "clip": list(clip),
+        "samples_per_class": (
+            None if samples_per_class is None else int(samples_per_class)
+        ),
+        "iterations": fitter.iterations,
+        "learning_rate": fitter.learning_rate,
+        "momentum": fitter.momentum,
+        "gamma": fitter.gamma,
+        "clip": list(fitter.clip),
         "select": select if isinstance(select, str) else repr(select),
     }
 
@@ -442,7 +455,7 @@ def dissect(
     if checkpoint_dir is not None:
         checkpoint = _Checkpoint(
             checkpoint_dir,
-            dict(config, batch_size=batch_size, fingerprint=fingerprint),
+            dict(config, batch_size=int(batch_size), fingerprint=fingerprint),
         )
         state = checkpoint.load()
         if state is not None:

@@ -1,5 +1,6 @@
 """Per-image gate fitting: the CDRP of every image, a whole batch at a time."""
 
+import numbers
 import time
 
 import keras
@@ -67,11 +68,11 @@ class GateFitter(keras.Model):
         super().__init__(**kwargs)
         _check_hyperparameters(iterations, learning_rate, momentum, gamma, clip)
         self.gated_model = gated_model
-        self.iterations = iterations
-        self.learning_rate = learning_rate
-        self.momentum = momentum
-        self.gamma = gamma
-        self.clip = clip
+        self.iterations = int(iterations)
+        self.learning_rate = float(learning_rate)
+        self.momentum = float(momentum)
+        self.gamma = float(gamma)
+        self.clip = (float(clip[0]), float(clip[1]))
         self._logits_model, _ = split_softmax(gated_model)
         self._gates = [spec.layer for spec in list_gates(gated_model)]
         if not self._gates:
@@ -87,8 +88,7 @@ class GateFitter(keras.Model):
 
     def logits(self, images, gates):
         """Logits of the gated model with per-image gates `[batch, total]`."""
-        values = ops.split(gates, np.cumsum(self._sizes)[:-1].tolist(), axis=1)
-        with per_sample_gates(self._gates, values):
+        with per_sample_gates(self._gates, tf.split(gates, self._sizes, 1)):
             return ops.cast(
                 self._logits_model(images, training=False), "float32"
             )
@@ -131,8 +131,9 @@ class GateFitter(keras.Model):
             "velocity": ops.zeros_like(ones),
             "loss": ops.zeros_like(ones[:, 0]),
         }
-        for _ in tf.range(self.iterations):
-            state = self.train_step(state)
+        state = ops.fori_loop(
+            0, self.iterations, lambda _, state: self.train_step(state), state
+        )
         # Paper sec. 4.1: keep the top-1 prediction; reset the gates if not.
         fitted_top1 = ops.argmax(self.logits(images, state["gates"]), axis=-1)
         kept = ops.equal(fitted_top1, ops.argmax(logits, axis=-1))
@@ -168,8 +169,12 @@ class GateFitter(keras.Model):
         return cls(**config)
 
 
+def is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _check_hyperparameters(iterations, learning_rate, momentum, gamma, clip):
-    if not isinstance(iterations, (int, np.integer)) or iterations < 1:
+    if not is_int(iterations) or iterations < 1:
         raise ValueError(
             f"`iterations` must be a positive int. Received: "
             f"iterations={iterations!r}"
@@ -179,7 +184,7 @@ def _check_hyperparameters(iterations, learning_rate, momentum, gamma, clip):
         ("momentum", momentum),
         ("gamma", gamma),
     ]:
-        if not isinstance(value, (int, float)) or value < 0:
+        if not isinstance(value, numbers.Real) or value < 0:
             raise ValueError(
                 f"`{name}` must be a non-negative number. Received: "
                 f"{name}={value!r}"
@@ -331,7 +336,7 @@ def cdrp(
     cdrps = keras_drnet.cdrp(model, x_test[:100])
     ```
     """
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(
             f"`batch_size` must be a positive int. Received: "
             f"batch_size={batch_size!r}"

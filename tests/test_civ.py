@@ -1,0 +1,881 @@
+"""Tests for keras_drnet.civ: dissection into Channel Importance Vectors.
+
+A CIV is the mean CDRP of the first `samples_per_class` images of a class
+(DRNet sec. 3.1, 4.1). The model is a small CNN trained on MNIST (see
+`_dissect_models.py`); resumption and `MirroredStrategy` are tested in
+subprocesses (`_dissect_worker.py`, `_dissect_mirrored.py`).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _dissect_models as dm  # noqa: E402
+import keras_drnet as kd  # noqa: E402
+from keras_drnet.civ import LayoutEntry  # noqa: E402
+from keras_drnet.civ import model_fingerprint  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+NAMES = dm.CLASS_NAMES
+K = 3  # samples_per_class of the shared dissection
+N = 300  # images offered to it
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return dm.trained(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def xy(data):
+    return data["x_train"][:N], data["y_train"][:N]
+
+
+@pytest.fixture(scope="module")
+def baseline(data, xy):
+    """The shared dissection, and the warnings it raised."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        civs = kd.dissect(
+            data["model"],
+            xy,
+            samples_per_class=K,
+            class_names=NAMES,
+            batch_size=BATCH,
+            verbose=0,
+        )
+    return civs, [w for w in record if issubclass(w.category, UserWarning)]
+
+
+@pytest.fixture(scope="module")
+def partial(data, xy):
+    """A dissection where class 3 has no image and class 5 only one.
+
+    Built from a filtered `tf.data.Dataset`; returns `(civs, warnings)`.
+    """
+    x, y = xy
+    first_five = int(np.flatnonzero(y == 5)[0])
+    ds = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .enumerate()
+        .filter(
+            lambda i, e: (e[1] != 3)
+            & ((e[1] != 5) | (i == tf.constant(first_five, tf.int64)))
+        )
+        .map(lambda i, e: e)
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        civs = kd.dissect(
+            data["model"],
+            ds,
+            samples_per_class=2,
+            class_names=NAMES,
+            batch_size=BATCH,
+            verbose=0,
+        )
+    return civs, record, first_five
+
+
+def first_per_class(labels, k):
+    """Indices (dataset order) of the first `k` images of every class."""
+    taken = np.zeros(dm.NUM_CLASSES, int)
+    chosen = []
+    for i, label in enumerate(labels):
+        if taken[label] < k:
+            taken[label] += 1
+            chosen.append(i)
+    return np.array(chosen)
+
+
+# ---------------------------------------------------------------------------
+# A CIV is the mean of its class's CDRPs.
+# ---------------------------------------------------------------------------
+
+
+def test_civ_is_the_mean_of_its_class_cdrps(data, xy, baseline):
+    civs, _ = baseline
+    x, y = xy
+    chosen = first_per_class(y, K)
+    assert len(chosen) == K * dm.NUM_CLASSES
+    cdrps = kd.cdrp(data["model"], x[chosen], batch_size=BATCH)
+    labels = y[chosen]
+    assert civs.vectors.shape == (dm.NUM_CLASSES, cdrps.shape[1])
+    assert civs.vectors.dtype == np.float32
+    for c in range(dm.NUM_CLASSES):
+        np.testing.assert_allclose(
+            civs.vectors[c], np.mean(cdrps[labels == c], axis=0), atol=1e-6
+        )
+    np.testing.assert_array_equal(civs.counts, np.full(dm.NUM_CLASSES, K))
+    # The CDRPs are non-trivial: some gates at 0, not all images reset.
+    assert (cdrps == 0).any() and not np.all(cdrps == 1)
+    assert civs.vectors.min() >= 0.0 and civs.vectors.max() <= 10.0
+
+
+def test_civs_metadata(data, baseline):
+    civs, record = baseline
+    assert record == [], [str(w.message) for w in record]
+    assert civs.class_names == NAMES
+    assert civs.num_classes == 10
+    assert civs.missing == []
+    gates = kd.list_gates(kd.inject_gates(data["model"]))
+    assert civs.layout == tuple(
+        LayoutEntry(g.name, g.source, g.channels) for g in gates
+    )
+    assert [e.source for e in civs.layout] == ["conv1", "relu2", "fc1"]
+    assert civs.total_channels == 56
+    assert civs.fingerprint == model_fingerprint(data["model"])
+    assert civs.config["samples_per_class"] == K
+    assert civs.config["iterations"] == 30
+    assert civs.config["gamma"] == 0.05
+    assert "10 classes x 56 channels" in repr(civs)
+
+
+def test_default_class_names_are_indices(data, xy):
+    x, y = xy
+    civs = kd.dissect(
+        data["model"], (x[:100], y[:100]), samples_per_class=1, iterations=2,
+        verbose=0,
+    )  # fmt: skip
+    assert civs.class_names == [str(i) for i in range(10)]
+    assert civs.missing == []
+
+
+def test_dissect_does_not_depend_on_batch_size(data, xy, baseline):
+    civs, _ = baseline
+    other = kd.dissect(
+        data["model"], xy, samples_per_class=K, class_names=NAMES,
+        batch_size=3, verbose=0,
+    )  # fmt: skip
+    np.testing.assert_allclose(other.vectors, civs.vectors, atol=1e-5)
+    np.testing.assert_array_equal(other.counts, civs.counts)
+
+
+def test_samples_per_class_none_uses_every_image(data, xy):
+    x, y = xy
+    x, y = x[:25], y[:25]  # no image of class 5 among them
+    assert 5 not in y
+    with pytest.warns(UserWarning, match=r"No image was found for classes \['5'\]"):
+        civs = kd.dissect(
+            data["model"], (x, y), samples_per_class=None, iterations=5,
+            batch_size=BATCH, verbose=0,
+        )  # fmt: skip
+    np.testing.assert_array_equal(civs.counts, np.bincount(y, minlength=10))
+    assert civs.missing == ["5"]
+    cdrps = kd.cdrp(data["model"], x, iterations=5, batch_size=BATCH)
+    for c in np.flatnonzero(civs.counts):
+        np.testing.assert_allclose(
+            civs.vectors[c], cdrps[y == c].mean(0), atol=1e-6
+        )
+
+
+def test_verbose_dissect_shows_progress(data, xy, capsys):
+    x, y = xy
+    settings = dict(samples_per_class=1, iterations=2, class_names=NAMES)
+    quiet = kd.dissect(data["model"], (x[:100], y[:100]), verbose=0, **settings)
+    assert capsys.readouterr().out == ""
+    loud = kd.dissect(data["model"], (x[:100], y[:100]), verbose=1, **settings)
+    out = capsys.readouterr().out
+    assert "10/10" in out and "images/s" in out
+    np.testing.assert_allclose(loud.vectors, quiet.vectors, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "numpy_setting",
+    [
+        dict(samples_per_class=np.int64(2)),
+        dict(iterations=np.int64(3)),
+        dict(batch_size=np.int64(4)),
+        dict(clip=(np.float32(0.0), np.float32(10.0))),
+    ],
+    ids=lambda s: next(iter(s)),
+)
+def test_numpy_scalar_settings_can_be_saved_and_checkpointed(
+    data, xy, tmp_path, numpy_setting
+):
+    """Settings accepted as numpy scalars must not break `save()` or resume."""
+    x, y = xy
+    settings = dict(samples_per_class=2, iterations=3, batch_size=4, verbose=0)
+    expected = kd.dissect(data["model"], (x, y), **settings)
+    settings.update(numpy_setting)
+    civs = kd.dissect(
+        data["model"], (x, y), checkpoint_dir=str(tmp_path / "ckpt"), **settings
+    )
+    np.testing.assert_allclose(civs.vectors, expected.vectors, atol=1e-6)
+    civs.save(tmp_path / "civs.npz")
+    assert_identical(kd.CIVs.load(tmp_path / "civs.npz"), civs)
+
+
+# ---------------------------------------------------------------------------
+# Dataset forms.
+# ---------------------------------------------------------------------------
+
+
+def _tfds_mnist():
+    import tensorflow_datasets as tfds
+
+    ds = tfds.load(
+        "mnist", split=f"train[:{N}]", as_supervised=True, download=False,
+        data_dir=os.environ.get("TFDS_DATA_DIR"),
+    )  # fmt: skip
+    return ds.map(lambda x, y: (tf.cast(x, "float32") / 255.0, y))
+
+
+DATASET_FORMS = {
+    "unbatched dataset": lambda x, y: tf.data.Dataset.from_tensor_slices(
+        (x, y)
+    ),
+    "batched dataset": lambda x, y: tf.data.Dataset.from_tensor_slices(
+        (x, y)
+    ).batch(7),
+    "repeated (infinite) dataset": lambda x, y: tf.data.Dataset.from_tensor_slices(
+        (x, y)
+    ).repeat(),
+    "int32 labels": lambda x, y: (x, y.astype("int32")),
+    "one-hot numpy labels": lambda x, y: (
+        x,
+        keras.utils.to_categorical(y, 10).astype("float32"),
+    ),
+    "one-hot batched dataset": lambda x, y: tf.data.Dataset.from_tensor_slices(
+        (x, tf.one_hot(y, 10))
+    ).batch(16),
+    "one-hot unbatched dataset": lambda x, y: tf.data.Dataset.from_tensor_slices(
+        (x, tf.one_hot(y, 10))
+    ),
+    "tfds as_supervised": lambda x, y: _tfds_mnist(),
+}
+
+
+@pytest.mark.parametrize("form", list(DATASET_FORMS))
+def test_dataset_forms_give_the_same_civs(data, xy, baseline, form):
+    civs, _ = baseline
+    ds = DATASET_FORMS[form](*xy)
+    other = kd.dissect(
+        data["model"], ds, samples_per_class=K, class_names=NAMES,
+        batch_size=BATCH, verbose=0,
+    )  # fmt: skip
+    np.testing.assert_allclose(other.vectors, civs.vectors, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(other.counts, civs.counts)
+
+
+# ---------------------------------------------------------------------------
+# Classes with too few images, or none.
+# ---------------------------------------------------------------------------
+
+
+def test_short_class_is_counted_and_warned_once(partial):
+    civs, record, _ = partial
+    expected = np.full(10, 2)
+    expected[3], expected[5] = 0, 1
+    np.testing.assert_array_equal(civs.counts, expected)
+    short = [w for w in record if "Fewer than" in str(w.message)]
+    assert len(short) == 1
+    assert issubclass(short[0].category, UserWarning)
+    message = str(short[0].message)
+    assert "samples_per_class=2" in message and "five (1)" in message
+    assert "three" not in message  # the missing class is reported apart
+    # The warning points at the caller, not at keras_drnet.
+    assert os.path.basename(short[0].filename) == os.path.basename(__file__)
+    assert np.all(np.isfinite(civs.vectors[5]))
+    assert civs.for_class("five")  # usable
+
+
+def test_short_class_warning_with_pytest_warns(data, xy):
+    x, y = xy
+    keep = np.flatnonzero(y != 7)[:100].tolist() + [int(np.flatnonzero(y == 7)[0])]
+    with pytest.warns(UserWarning, match=r"Fewer than samples_per_class=2") as rec:
+        civs = kd.dissect(
+            data["model"], (x[keep], y[keep]), samples_per_class=2,
+            iterations=2, batch_size=BATCH, verbose=0,
+        )  # fmt: skip
+    assert len([w for w in rec if "Fewer than" in str(w.message)]) == 1
+    assert civs.counts[7] == 1 and civs.missing == []
+
+
+def test_class_without_images_is_missing(partial):
+    civs, record, _ = partial
+    assert civs.missing == ["three"]
+    assert np.all(np.isnan(civs.vectors[3]))
+    others = np.delete(civs.vectors, 3, axis=0)
+    assert np.all(np.isfinite(others))
+    missing = [w for w in record if "No image" in str(w.message)]
+    assert len(missing) == 1 and "three" in str(missing[0].message)
+    for cls in ["three", 3, np.int64(3)]:
+        with pytest.raises(ValueError, match=r"'three' has no CIV"):
+            civs.for_class(cls)
+        with pytest.raises(ValueError, match=r"'three' has no CIV"):
+            civs.index(cls)
+
+
+def test_missing_and_short_civs_are_means_of_what_there_was(data, xy, partial):
+    civs, _, first_five = partial
+    x, _ = xy
+    cdrp = kd.cdrp(data["model"], x[first_five : first_five + 1])
+    np.testing.assert_allclose(civs.vectors[5], cdrp[0], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Input validation.
+# ---------------------------------------------------------------------------
+
+
+def _with_label(x, y, index, value):
+    y = y[:100].copy()
+    y[index] = value
+    return x[:100], y
+
+
+@pytest.mark.parametrize("value", [10, -1, 255])
+def test_label_out_of_range(data, xy, value):
+    ds = _with_label(*xy, 5, value)
+    with pytest.raises(ValueError, match=rf"Label {value} .*out of range"):
+        kd.dissect(data["model"], ds, samples_per_class=4, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x, y: (np.zeros((20, 32, 32, 1), "float32"), y[:20]),
+        lambda x, y: (np.zeros((20, 28, 28, 3), "float32"), y[:20]),
+        lambda x, y: (x[:20, ..., 0], y[:20]),
+        lambda x, y: tf.data.Dataset.from_tensor_slices(
+            (np.zeros((20, 32, 32, 1), "float32"), y[:20])
+        ).batch(4),
+        lambda x, y: tf.data.Dataset.from_tensor_slices(
+            (x[:20, None], y[:20])
+        ).batch(4),
+    ],
+    ids=["32x32", "3 channels", "no channel axis", "batched 32x32", "rank 6"],
+)
+def test_wrong_image_shape(data, xy, make):
+    with pytest.raises(ValueError, match=r"input shape \(28, 28, 1\)"):
+        kd.dissect(data["model"], make(*xy), verbose=0)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda x, y: [x[:10], y[:10]], TypeError, r"`ds` must be a `tf.data.Dataset`"),
+        (lambda x, y: x[:10], TypeError, r"`ds` must be a `tf.data.Dataset`"),
+        (lambda x, y: (x[:10], y[:10], y[:10]), TypeError, r"`ds` must be"),
+        (lambda x, y: {"image": x[:10]}, TypeError, r"`ds` must be"),
+        (
+            lambda x, y: tf.data.Dataset.from_tensor_slices(x[:10]),
+            ValueError,
+            r"\(image, label\)",
+        ),
+        (
+            lambda x, y: tf.data.Dataset.from_tensor_slices(
+                {"image": x[:10], "label": y[:10]}
+            ),
+            ValueError,
+            r"\(image, label\)",
+        ),
+        (
+            lambda x, y: (x[:10], np.eye(4, dtype="float32")[y[:10] % 4]),
+            ValueError,
+            r"Labels must be integer class indices",
+        ),
+        (
+            lambda x, y: (x[:10], np.array(["a"] * 10)),
+            ValueError,
+            r"Labels must be integer class indices",
+        ),
+    ],
+    ids=[
+        "list", "array", "3-tuple", "dict", "images only", "dict dataset",
+        "one-hot of 4", "string labels",
+    ],
+)  # fmt: skip
+def test_bad_ds(data, xy, make, error, match):
+    with pytest.raises(error, match=match):
+        kd.dissect(data["model"], make(*xy), verbose=0)
+
+
+@pytest.mark.parametrize("value", [0, -2, 2.5, "10", 1e9 + 0.5])
+def test_bad_samples_per_class(data, xy, value):
+    with pytest.raises(ValueError, match=r"`samples_per_class` must be"):
+        kd.dissect(data["model"], xy, samples_per_class=value, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [NAMES[:9], NAMES + ["ten"], ["a"] * 10, []],
+    ids=["9 names", "11 names", "duplicates", "empty"],
+)
+def test_bad_class_names(data, xy, names):
+    with pytest.raises(ValueError, match=r"`class_names` must be 10 distinct"):
+        kd.dissect(data["model"], xy, class_names=names, verbose=0)
+
+
+def test_non_model_is_rejected(xy):
+    with pytest.raises(TypeError, match=r"Expected a `keras.Model`"):
+        kd.dissect("model.keras", xy, verbose=0)
+
+
+# ---------------------------------------------------------------------------
+# Looking classes up.
+# ---------------------------------------------------------------------------
+
+
+def test_for_class_splits_the_civ_per_gate(baseline):
+    civs, _ = baseline
+    parts = civs.for_class("seven")
+    assert list(parts) == [e.name for e in civs.layout]
+    assert [len(v) for v in parts.values()] == [8, 16, 32]
+    np.testing.assert_array_equal(np.concatenate(list(parts.values())), civs.vectors[7])
+    for cls in [7, np.int32(7)]:
+        by_index = civs.for_class(cls)
+        for name in parts:
+            np.testing.assert_array_equal(by_index[name], parts[name])
+    assert civs.index("seven") == 7
+
+
+def test_unknown_class_name_suggests_the_closest(baseline):
+    civs, _ = baseline
+    with pytest.raises(
+        ValueError, match=r"Unknown class name 'sevn'.*Did you mean 'seven'\?"
+    ):
+        civs.for_class("sevn")
+    with pytest.raises(ValueError, match=r"Did you mean 'three'\?"):
+        civs.index("thre")
+    with pytest.raises(ValueError, match=r"Unknown class name 'xyzzy'") as info:
+        civs.for_class("xyzzy")
+    assert "Did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "cls, error, match",
+    [
+        (10, ValueError, "out of range"),
+        (-1, ValueError, "out of range"),
+        (2.0, TypeError, "name .str. or an index .int."),
+        (True, TypeError, "name .str. or an index .int."),
+        (None, TypeError, "name .str. or an index .int."),
+    ],
+)
+def test_bad_class_lookup(baseline, cls, error, match):
+    civs, _ = baseline
+    with pytest.raises(error, match=match):
+        civs.for_class(cls)
+
+
+# ---------------------------------------------------------------------------
+# Save / load.
+# ---------------------------------------------------------------------------
+
+
+def assert_identical(loaded, civs):
+    assert loaded.vectors.dtype == civs.vectors.dtype
+    assert loaded.vectors.shape == civs.vectors.shape
+    assert loaded.vectors.tobytes() == civs.vectors.tobytes()
+    assert loaded.counts.dtype == civs.counts.dtype
+    np.testing.assert_array_equal(loaded.counts, civs.counts)
+    assert loaded.class_names == civs.class_names
+    assert loaded.layout == civs.layout
+    assert all(isinstance(e, LayoutEntry) for e in loaded.layout)
+    assert loaded.fingerprint == civs.fingerprint
+    assert loaded.config == civs.config
+    assert loaded.missing == civs.missing
+
+
+@pytest.mark.parametrize("which", ["complete", "with a missing class"])
+def test_save_load_round_trip_is_bit_identical(baseline, partial, tmp_path, which):
+    civs = baseline[0] if which == "complete" else partial[0]
+    path = tmp_path / "civs.npz"
+    civs.save(path)
+    assert_identical(kd.CIVs.load(path), civs)
+    assert_identical(kd.CIVs.load(str(path)), civs)
+    assert sorted(os.listdir(tmp_path)) == ["civs.npz"]  # no temp file left
+    # Saving again over it works too.
+    civs.save(str(path))
+    assert_identical(kd.CIVs.load(path), civs)
+
+
+@pytest.fixture
+def saved(baseline, tmp_path):
+    civs, _ = baseline
+    path = tmp_path / "civs.npz"
+    civs.save(path)
+    return civs, path, path.read_bytes()
+
+
+DAMAGED = r"(corrupted|truncated|not a CIVs file)"
+
+
+@pytest.mark.parametrize("keep", [0, 1, 10, 0.5, -1])
+def test_truncated_file_is_rejected(saved, tmp_path, keep):
+    _, _, content = saved
+    size = keep if isinstance(keep, int) and keep >= 0 else None
+    if keep == -1:
+        size = len(content) - 1
+    elif isinstance(keep, float):
+        size = int(len(content) * keep)
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(content[:size])
+    with pytest.raises(ValueError, match=DAMAGED):
+        kd.CIVs.load(damaged)
+
+
+def test_flipped_bytes_in_the_vectors_are_rejected(saved, tmp_path):
+    civs, _, content = saved
+    start = content.find(civs.vectors.tobytes())
+    assert start > 0
+    damaged = tmp_path / "damaged.npz"
+    for offset in [0, 1, civs.vectors.nbytes // 2, civs.vectors.nbytes - 1]:
+        flipped = bytearray(content)
+        flipped[start + offset] ^= 0xFF
+        damaged.write_bytes(bytes(flipped))
+        with pytest.raises(ValueError, match=DAMAGED):
+            kd.CIVs.load(damaged)
+
+
+def test_flipped_bytes_in_the_metadata_are_rejected(saved, tmp_path):
+    _, _, content = saved
+    # The metadata is a numpy unicode (UTF-32) string.
+    start = content.find('"class_names"'.encode("utf-32-le"))
+    assert start > 0
+    damaged = tmp_path / "damaged.npz"
+    for offset in [0, 20, 40, 200]:
+        flipped = bytearray(content)
+        flipped[start + offset] ^= 0x01
+        damaged.write_bytes(bytes(flipped))
+        with pytest.raises(ValueError, match=DAMAGED):
+            kd.CIVs.load(damaged)
+
+
+@pytest.mark.parametrize(
+    "field, offset",
+    [("version needed", 6), ("flags", 8), ("compression method", 10)],
+)
+def test_flipped_bytes_in_the_zip_directory_are_rejected(
+    saved, tmp_path, field, offset
+):
+    """A damaged central-directory entry is a damaged file too."""
+    _, _, content = saved
+    start = content.find(b"PK\x01\x02")  # first central directory entry
+    assert start > 0
+    flipped = bytearray(content)
+    flipped[start + offset] ^= 0xFF
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=DAMAGED):
+        kd.CIVs.load(damaged)
+
+
+def test_no_single_flipped_byte_loads_wrong_civs(saved, tmp_path):
+    """Flip each byte in turn: loading fails cleanly or gives the same CIVs."""
+    civs, _, content = saved
+    damaged = tmp_path / "damaged.npz"
+    unexpected = []
+    for offset in range(len(content)):
+        flipped = bytearray(content)
+        flipped[offset] ^= 0xFF
+        damaged.write_bytes(bytes(flipped))
+        try:
+            loaded = kd.CIVs.load(damaged)
+        except ValueError:
+            continue
+        except Exception as e:  # noqa: BLE001
+            unexpected.append((offset, f"{type(e).__name__}: {e}"))
+            continue
+        assert_identical(loaded, civs)
+    assert unexpected == [], unexpected[:5]
+
+
+def test_consistent_but_tampered_file_fails_the_checksum(saved, tmp_path):
+    civs, path, _ = saved
+    with np.load(path) as f:
+        arrays = dict(f)
+    arrays["vectors"] = arrays["vectors"].copy()
+    arrays["vectors"][0, 0] += 0.5
+    tampered = tmp_path / "tampered.npz"
+    np.savez(tampered, **arrays)
+    with pytest.raises(ValueError, match=r"checksum"):
+        kd.CIVs.load(tampered)
+
+
+def test_unrelated_npz_and_missing_file(tmp_path):
+    other = tmp_path / "other.npz"
+    np.savez(other, weights=np.zeros(3))
+    with pytest.raises(ValueError, match=DAMAGED):
+        kd.CIVs.load(other)
+    with pytest.raises(FileNotFoundError):
+        kd.CIVs.load(tmp_path / "nothing.npz")
+
+
+@pytest.mark.parametrize("name", ["civs", "civs.npy", "civs.npz.bak", "civs.NPZ2"])
+def test_save_needs_an_npz_path(baseline, tmp_path, name):
+    civs, _ = baseline
+    with pytest.raises(ValueError, match=r"\.npz"):
+        civs.save(tmp_path / name)
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------
+# Fingerprint.
+# ---------------------------------------------------------------------------
+
+
+def _copy(model):
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def test_fingerprint_identifies_the_weights(data):
+    model = data["model"]
+    fingerprint = model_fingerprint(model)
+    assert isinstance(fingerprint, str) and len(fingerprint) == 64
+    assert model_fingerprint(model) == fingerprint
+    assert model_fingerprint(_copy(model)) == fingerprint
+    loaded = keras.saving.load_model(data["model_path"])
+    assert model_fingerprint(loaded) == fingerprint
+
+    changed = _copy(model)
+    kernel = changed.get_layer("conv1").kernel
+    value = keras.ops.convert_to_numpy(kernel).copy()
+    value[0, 0, 0, 0] += 1e-6
+    kernel.assign(value)
+    assert model_fingerprint(changed) != fingerprint
+    # A non-trainable weight (BatchNorm statistics) counts too.
+    stats = _copy(model)
+    variance = stats.get_layer("bn2").moving_variance
+    value = keras.ops.convert_to_numpy(variance).copy()
+    value[3] *= 2.0
+    variance.assign(value)
+    assert model_fingerprint(stats) != fingerprint
+
+
+def test_dissect_records_the_dissected_models_fingerprint(data, xy, baseline):
+    civs, _ = baseline
+    assert civs.fingerprint == model_fingerprint(data["model"])
+    changed = _copy(data["model"])
+    bias = changed.get_layer("fc1").bias
+    bias.assign(keras.ops.convert_to_numpy(bias) + 1e-3)
+    x, y = xy
+    other = kd.dissect(
+        changed, (x[:100], y[:100]), samples_per_class=1, iterations=1,
+        verbose=0,
+    )  # fmt: skip
+    assert other.fingerprint == model_fingerprint(changed) != civs.fingerprint
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: resume after a kill.
+# ---------------------------------------------------------------------------
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return env
+
+
+def _worker_command(data, data_path, checkpoint_dir, result, delay=0.0):
+    return [
+        sys.executable,
+        os.path.join(HERE, "_dissect_worker.py"),
+        "--model", data["model_path"],
+        "--data", str(data_path),
+        "--checkpoint-dir", str(checkpoint_dir),
+        "--result", str(result),
+        "--delay", str(delay),
+        "--samples-per-class", "4",
+        "--batch-size", "4",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_dissect_resumes_after_being_killed(data, tmp_path):
+    x, y = data["x_train"][:200], data["y_train"][:200]
+    data_path = tmp_path / "data.npz"
+    np.savez(data_path, x=x, y=y)
+    checkpoint_dir = tmp_path / "checkpoint"
+    state = checkpoint_dir / "dissect_state.npz"
+    result = tmp_path / "resumed.npz"
+    total = 4 * 10
+
+    # 1. Start a run that reads slowly (50 ms per element) and kill it as
+    #    soon as its first checkpoint is on disk.
+    process = subprocess.Popen(
+        _worker_command(data, data_path, checkpoint_dir, result, delay=0.05),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not state.exists():
+            if process.poll() is not None:
+                output = process.stdout.read().decode(errors="replace")
+                pytest.fail(f"worker exited early ({process.returncode}):\n{output}")
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+    assert process.returncode == -signal.SIGKILL
+    # It really had not finished.
+    assert not result.exists()
+    assert not os.path.exists(f"{result}.json")
+    with np.load(state) as checkpoint:
+        done = int(checkpoint["counts"].sum())
+        position = int(checkpoint["position"])
+    assert 0 < done < total, done
+    assert done % 4 == 0 and position >= done
+
+    # 2. Restart it: it resumes and fits only the images not yet done.
+    finished = subprocess.run(
+        _worker_command(data, data_path, checkpoint_dir, result),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    with open(f"{result}.json") as f:
+        assert json.load(f)["fitted"] == total - done
+    resumed = kd.CIVs.load(result)
+
+    # 3. An uninterrupted run (no checkpoint) gives exactly the same CIVs.
+    uninterrupted = kd.dissect(
+        data["model"], (x, y), samples_per_class=4, batch_size=4, verbose=0
+    )
+    np.testing.assert_array_equal(resumed.counts, np.full(10, 4))
+    np.testing.assert_array_equal(resumed.counts, uninterrupted.counts)
+    assert np.array_equal(resumed.vectors, uninterrupted.vectors)
+    assert resumed.fingerprint == uninterrupted.fingerprint
+    assert resumed.layout == uninterrupted.layout
+
+    # 4. Running it once more on the finished checkpoint fits nothing and
+    #    returns the same CIVs.
+    again = kd.dissect(
+        data["model"], (x, y), samples_per_class=4, batch_size=4,
+        checkpoint_dir=str(checkpoint_dir), verbose=0,
+    )  # fmt: skip
+    assert np.array_equal(again.vectors, uninterrupted.vectors)
+
+
+def test_checkpointed_run_equals_plain_run(data, xy, tmp_path):
+    x, y = xy
+    settings = dict(samples_per_class=2, iterations=5, batch_size=3, verbose=0)
+    plain = kd.dissect(data["model"], (x, y), **settings)
+    checkpointed = kd.dissect(
+        data["model"], (x, y), checkpoint_dir=str(tmp_path / "ckpt"), **settings
+    )
+    assert np.array_equal(plain.vectors, checkpointed.vectors)
+    assert (tmp_path / "ckpt" / "dissect_state.npz").exists()
+
+
+@pytest.fixture
+def finished_checkpoint(data, xy, tmp_path):
+    x, y = xy
+    settings = dict(samples_per_class=1, iterations=2, batch_size=4, verbose=0)
+    directory = str(tmp_path / "ckpt")
+    civs = kd.dissect(data["model"], (x, y), checkpoint_dir=directory, **settings)
+    return directory, settings, civs
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(iterations=3),
+        dict(samples_per_class=2),
+        dict(batch_size=5),
+        dict(gamma=0.1),
+        dict(learning_rate=0.2),
+        dict(clip=(0.0, 5.0)),
+        dict(select="conv"),
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_checkpoint_with_other_settings_is_refused(
+    data, xy, finished_checkpoint, change
+):
+    directory, settings, _ = finished_checkpoint
+    with pytest.raises(ValueError, match=r"other settings or another model"):
+        kd.dissect(
+            data["model"], xy, checkpoint_dir=directory, **dict(settings, **change)
+        )
+
+
+def test_checkpoint_of_another_model_is_refused(data, xy, finished_checkpoint):
+    directory, settings, civs = finished_checkpoint
+    changed = _copy(data["model"])
+    bias = changed.get_layer("head").bias
+    bias.assign(keras.ops.convert_to_numpy(bias) + 1e-3)
+    with pytest.raises(ValueError, match=r"other settings or another model"):
+        kd.dissect(changed, xy, checkpoint_dir=directory, **settings)
+    # The same settings and model resume (here: nothing left to do).
+    again = kd.dissect(data["model"], xy, checkpoint_dir=directory, **settings)
+    assert np.array_equal(again.vectors, civs.vectors)
+
+
+# ---------------------------------------------------------------------------
+# tf.distribute.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_gives_the_same_civs(data, tmp_path):
+    x, y = data["x_train"][:100], data["y_train"][:100]
+    data_path = tmp_path / "data.npz"
+    np.savez(data_path, x=x, y=y)
+    out = tmp_path / "mirrored.npz"
+    finished = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "_dissect_mirrored.py"),
+            "--model", data["model_path"],
+            "--data", str(data_path),
+            "--out", str(out),
+        ],  # fmt: skip
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    with np.load(out) as results:
+        results = dict(results)
+    assert int(results["logical_devices"]) == 2
+    assert int(results["replicas"]) == 2
+    np.testing.assert_array_equal(results["single_counts"], np.full(10, 3))
+    np.testing.assert_array_equal(
+        results["mirrored_counts"], results["single_counts"]
+    )
+    np.testing.assert_allclose(
+        results["mirrored_vectors"], results["single_vectors"], atol=1e-5
+    )
+    assert results["cdrp_single"].shape == (13, 56)
+    np.testing.assert_allclose(
+        results["cdrp_mirrored"], results["cdrp_single"], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        results["cdrp_in_scope"], results["cdrp_single"], atol=1e-5
+    )
+    # And one device in the subprocess agrees with this process.
+    here = kd.dissect(
+        data["model"], (x, y), samples_per_class=3, batch_size=5, verbose=0
+    )
+    np.testing.assert_allclose(results["single_vectors"], here.vectors, atol=1e-5)
