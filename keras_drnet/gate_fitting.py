@@ -14,6 +14,7 @@ from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
 
 
+@keras.saving.register_keras_serializable(package="keras_drnet")
 class GateFitter(keras.Model):
     """Fits one gate vector per image on a frozen gated model.
 
