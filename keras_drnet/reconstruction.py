@@ -4,6 +4,8 @@ import dataclasses
 
 import numpy as np
 
+from keras_drnet.civ import CIVs
+
 _METHODS = ("union", "xor")
 _EMPTY_GATES = ("keep_best", "allow")
 
@@ -44,7 +46,7 @@ class CCIV:
 
 
 def resolve_classes(civs, classes):
-    """Sorted, validated class indices from names and/or indices."""
+    """Validated class indices, in the given order, from names or indices."""
     if isinstance(classes, (str, int, np.integer)):
         raise TypeError(
             "`classes` must be a list of class names or indices, e.g. "
@@ -113,6 +115,11 @@ def combine(
     cciv.kept_fraction
     ```
     """
+    if not isinstance(civs, CIVs):
+        raise TypeError(
+            "`civs` must be `keras_drnet.CIVs` (from `keras_drnet.dissect()` "
+            f"or `CIVs.load()`). Received: {type(civs).__name__}"
+        )
     if method not in _METHODS:
         raise ValueError(
             f"`method` must be one of {list(_METHODS)}. "

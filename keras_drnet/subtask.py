@@ -88,6 +88,11 @@ class SubtaskModel(keras.Model):
         )
         self.cciv = None
         self.set_classes(classes, method, threshold, budget, empty_gates)
+        self.build(gated_model.inputs[0].shape)
+
+    def build(self, input_shape):
+        # Everything inside is built already (the gated model, the masks).
+        self.built = True
 
     @property
     def class_names(self):
@@ -196,7 +201,8 @@ class SubtaskModel(keras.Model):
 
     def load_own_variables(self, store):
         super().load_own_variables(store)
-        # The CIVs were restored into `civ_vectors`: make `civs` match.
+        # `__init__` ran on placeholder CIVs; now the real ones are restored,
+        # recompute the CCIV (and the gates) from them.
         self.civs = CIVs(
             keras.ops.convert_to_numpy(self.civ_vectors),
             self.civs.class_names,
@@ -205,6 +211,7 @@ class SubtaskModel(keras.Model):
             self.civs.fingerprint,
             self.civs.config,
         )
+        self.set_classes(self.classes)
 
 
 def _civs_config(civs):
