@@ -1,11 +1,14 @@
 """Which channels of a gated model carry signal, are needed, and what runs.
 
-A channel is *live* if it can be non-zero (forward pass: a closed gate kills
-it, a convolution reading any live channel makes all its outputs live) and
-*needed* if something downstream reads it (backward pass: a closed gate makes
-its input unneeded, a convolution needs all its inputs if any output is
-needed). A weight *runs* iff the input channel it reads is live and the
-output channel it writes is needed. Channels are on the last axis.
+A channel is *live* if it can be non-zero. Forward pass: a closed gate kills
+it; a convolution reading any live channel makes all its outputs live, and a
+bias makes its channel live; a channelwise layer (BatchNormalization, ReLU,
+pooling, ...) keeps liveness, plus the channels it maps 0 to non-zero (a BN
+shift). A channel is *needed* if something downstream reads it. Backward
+pass: a closed gate makes its input unneeded; a convolution needs all its
+inputs if any output is needed. A weight *runs* iff the input channel it
+reads is live and the output channel it writes is needed. Channels are on
+the last axis; unknown layers are assumed to mix all channels.
 """
 
 import dataclasses
@@ -86,64 +89,193 @@ def _channels(tensor):
     return int(tensor.shape[-1])
 
 
-def _forward(flat, live_in):
+# Layers and ops that act on each channel on its own and keep the count.
+_CHANNELWISE = (
+    keras.layers.BatchNormalization,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+    keras.layers.Activation,
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.MaxPooling1D,
+    keras.layers.MaxPooling2D,
+    keras.layers.MaxPooling3D,
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.GlobalMaxPooling3D,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+    keras.layers.ZeroPadding1D,
+    keras.layers.ZeroPadding2D,
+    keras.layers.ZeroPadding3D,
+    keras.layers.Cropping1D,
+    keras.layers.Cropping2D,
+    keras.layers.Cropping3D,
+    keras.layers.UpSampling1D,
+    keras.layers.UpSampling2D,
+    keras.layers.UpSampling3D,
+    keras.layers.Rescaling,
+    keras.layers.Identity,
+)
+_CHANNELWISE_OPS = ("Relu", "Relu6", "ReLU")
+
+
+def kind(flat):
+    """How a call site maps channels: see the module docstring."""
     op, node = flat.op, flat.node
     out = node.output_tensors[0]
-    size = _channels(out)
+    ins = node.input_tensors
     if isinstance(op, ChannelGate):
-        mask = keras.ops.convert_to_numpy(op.gate) != 0
-        return live_in[0] & mask
+        return "gate"
     if isinstance(op, _DEPTHWISE):
-        return np.repeat(live_in[0], op.depth_multiplier)
-    if isinstance(op, _CONV + _SEPARABLE + (keras.layers.Dense,)):
-        return np.ones(size, bool)
-    if isinstance(op, keras.layers.Multiply) and _same_sizes(live_in, size):
-        return np.logical_and.reduce(live_in)
-    if isinstance(op, _MERGE_ANY + (keras.layers.Multiply,)) and _same_sizes(
-        live_in, size
+        return "depthwise"
+    if isinstance(op, _SEPARABLE):
+        return "separable"
+    if isinstance(op, _CONV) and getattr(op, "groups", 1) == 1:
+        return "dense"
+    if isinstance(op, keras.layers.Dense):
+        return "dense"
+    same = all(_channels(t) == _channels(out) for t in ins)
+    mixing = getattr(op, "activation", None) in (
+        keras.activations.softmax,
+        keras.activations.log_softmax,
+    )
+    if isinstance(op, _CHANNELWISE) and len(ins) == 1 and same and not mixing:
+        return "channelwise"
+    if (
+        type(op).__name__ in _CHANNELWISE_OPS
+        and not isinstance(op, keras.Layer)
+        and same
     ):
-        return np.logical_or.reduce(live_in)
+        return "channelwise"
+    if isinstance(op, _MERGE_ANY) and same:
+        return "merge_any"
+    if isinstance(op, keras.layers.Multiply) and same:
+        return "merge_all"
     if isinstance(op, keras.layers.Concatenate) and op.axis in (
         -1,
         len(out.shape) - 1,
     ):
+        return "concat"
+    if (
+        isinstance(op, (keras.layers.Flatten, keras.layers.Reshape))
+        and len(ins) == 1
+        and len(out.shape) == 2
+        and _channels(out) % _channels(ins[0]) == 0
+    ):
+        return "flatten"
+    return "other"
+
+
+def _zero_response(flat):
+    """Channels a channelwise op makes non-zero from an all-zero input."""
+    shape = [1] + [d or 4 for d in flat.node.input_tensors[0].shape[1:]]
+    zeros = keras.ops.zeros(shape, flat.node.input_tensors[0].dtype)
+    if isinstance(flat.op, keras.Layer):
+        response = flat.op(zeros, training=False)
+    else:
+        response = flat.op(zeros)
+    response = keras.ops.convert_to_numpy(response)
+    return np.abs(response).reshape(-1, response.shape[-1]).max(axis=0) != 0
+
+
+def _bias_nonzero(op, size):
+    if getattr(op, "use_bias", False):
+        return keras.ops.convert_to_numpy(op.bias) != 0
+    return np.zeros(size, bool)
+
+
+def _forward(flat, live_in):
+    op, out = flat.op, flat.node.output_tensors[0]
+    size = _channels(out)
+    node_kind = kind(flat)
+    if node_kind == "gate":
+        mask = keras.ops.convert_to_numpy(op.gate) != 0
+        return live_in[0] & mask
+    if node_kind == "depthwise":
+        repeated = np.repeat(live_in[0], op.depth_multiplier)
+        return repeated | _bias_nonzero(op, size)
+    if node_kind in ("dense", "separable"):
+        return np.full(size, live_in[0].any()) | _bias_nonzero(op, size)
+    if node_kind == "channelwise":
+        return live_in[0] | _zero_response(flat)
+    if node_kind == "merge_any":
+        return np.logical_or.reduce(live_in)
+    if node_kind == "merge_all":
+        return np.logical_and.reduce(live_in)
+    if node_kind == "concat":
         return np.concatenate(live_in)
-    if len(live_in) == 1:
-        if live_in[0].size == size:
-            return live_in[0]
-        if size % live_in[0].size == 0 and len(out.shape) == 2:
-            # Flatten of channels-last maps: channel c repeats every C.
-            return np.tile(live_in[0], size // live_in[0].size)
+    if node_kind == "flatten":
+        # Flattened channels-last maps: channel c repeats every C entries.
+        return np.tile(live_in[0], size // live_in[0].size)
     return np.ones(size, bool)
 
 
 def _backward(flat, need_out, live_in):
     op = flat.op
     sizes = [x.size for x in live_in]
-    if isinstance(op, ChannelGate):
+    node_kind = kind(flat)
+    if node_kind == "gate":
         mask = keras.ops.convert_to_numpy(op.gate) != 0
         return [need_out & mask]
-    if isinstance(op, _DEPTHWISE):
+    if node_kind == "depthwise":
         return [need_out.reshape(-1, op.depth_multiplier).any(axis=1)]
-    if isinstance(op, _CONV + _SEPARABLE + (keras.layers.Dense,)):
-        return [np.full(sizes[0], need_out.any())]
-    if isinstance(op, keras.layers.Concatenate) and len(
-        np.concatenate(live_in)
-    ) == need_out.size:
+    if node_kind in ("channelwise", "merge_any", "merge_all"):
+        return [need_out.copy() for _ in sizes]
+    if node_kind == "concat":
         return np.split(need_out, np.cumsum(sizes)[:-1])
-    result = []
-    for size in sizes:
-        if size == need_out.size:
-            result.append(need_out.copy())
-        elif need_out.size % size == 0:
-            result.append(need_out.reshape(-1, size).any(axis=0))
-        else:
-            result.append(np.full(size, need_out.any()))
-    return result
+    if node_kind == "flatten":
+        return [need_out.reshape(-1, sizes[0]).any(axis=0)]
+    return [np.full(size, need_out.any()) for size in sizes]
 
 
-def _same_sizes(arrays, size):
-    return all(a.size == size for a in arrays)
+class ChannelFlow:
+    """Live and needed channels of every tensor of a gated model.
+
+    Args:
+        model: a gated functional or Sequential model.
+        output_mask: bool array over the output's channels that are needed
+            (e.g. the live classes of a sub-task); all by default.
+
+    Attributes:
+        nodes: `FlatNode`s in topological order (nested models inlined).
+        live, need: `{tensor key: bool array}`.
+    """
+
+    def __init__(self, model, output_mask=None):
+        self.model = model
+        self.nodes, self.input_keys, self.output_keys = flat_nodes(model)
+        self.live = {}
+        for key, tensor in zip(self.input_keys, as_functional(model).inputs):
+            self.live[key] = np.ones(_channels(tensor), bool)
+        for flat in self.nodes:
+            out = _forward(flat, [self.live[k] for k in flat.inputs])
+            for key in flat.outputs:
+                self.live[key] = out
+        self.need = {}
+        for i, key in enumerate(self.output_keys):
+            mask = np.ones_like(self.live[key])
+            if output_mask is not None and i == 0:
+                mask = np.asarray(output_mask, bool)
+            self.need[key] = mask
+        for flat in reversed(self.nodes):
+            need_out = np.zeros_like(self.live[flat.outputs[0]])
+            for key in flat.outputs:
+                if key in self.need:
+                    need_out = need_out | self.need[key]
+            self.need[flat.outputs[0]] = need_out
+            ins = _backward(flat, need_out, [self.live[k] for k in flat.inputs])
+            for key, value in zip(flat.inputs, ins):
+                self.need[key] = self.need.get(key, False) | value
 
 
 @dataclasses.dataclass
@@ -201,40 +333,29 @@ def _layer_cost(flat, live_in, need_out):
     return params, params, 0, 0
 
 
-def running_costs(gated_model):
+def running_costs(gated_model, output_mask=None):
     """Per-layer total and running parameters and MACs of a gated model.
 
     Gates are not counted. A layer called at several places counts its
     parameters once (running if they run at any call site) and its MACs at
     every call.
 
+    Args:
+        gated_model: a gated model (use the logits model for a sub-task).
+        output_mask: bool array, the output channels (classes) needed.
+
     Returns:
         list of `LayerCost`, one per layer with weights or MACs.
     """
-    nodes, input_keys, output_keys = flat_nodes(gated_model)
-    live = {}
-    for key, tensor in zip(input_keys, as_functional(gated_model).inputs):
-        live[key] = np.ones(_channels(tensor), bool)
-    for flat in nodes:
-        out = _forward(flat, [live[k] for k in flat.inputs])
-        for key in flat.outputs:
-            live[key] = out
-    need = {key: np.ones_like(live[key]) for key in output_keys}
-    for flat in reversed(nodes):
-        need_out = np.zeros_like(live[flat.outputs[0]])
-        for key in flat.outputs:
-            if key in need:
-                need_out |= need[key]
-        flat.need_out = need_out
-        ins = _backward(flat, need_out, [live[k] for k in flat.inputs])
-        for key, value in zip(flat.inputs, ins):
-            need[key] = need[key] | value if key in need else value
+    flow = ChannelFlow(gated_model, output_mask)
     costs = {}
-    for flat in nodes:
+    for flat in flow.nodes:
         if isinstance(flat.op, ChannelGate):
             continue
         params, running, macs, running_macs = _layer_cost(
-            flat, [live[k] for k in flat.inputs], flat.need_out
+            flat,
+            [flow.live[k] for k in flat.inputs],
+            flow.need[flat.outputs[0]],
         )
         if not (params or macs):
             continue

@@ -295,7 +295,7 @@ def split_softmax(model):
         if layer is not op:
             return layer
         config = layer.get_config()
-        config.update(activation="linear", name=f"{layer.name}_logits")
+        config.update(activation="linear")
         linear[0] = layer.__class__.from_config(config)
         return linear[0]
 

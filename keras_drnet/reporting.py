@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
@@ -105,9 +106,9 @@ def evaluate_subtask(sub, ds, batch_size=256):
     sub-task's channels. Running parameters and FLOPs count a weight of a
     Conv/Dense/Depthwise/Separable layer only if the input channel it reads
     can be non-zero and the output channel it writes is read downstream (see
-    `keras_drnet.channel_flow`); a BatchNormalization channel runs if it is
-    read downstream; other layers' weights always run; gates are not
-    counted. FLOPs are multiply-accumulates of the convolution and dense
+    `keras_drnet.channel_flow`), so the classifier's rows for classes outside
+    the sub-task do not run; a BatchNormalization channel runs if it is read
+    downstream; other layers' weights always run; gates are not counted. FLOPs are multiply-accumulates of the convolution and dense
     layers per image.
 
     Args:
@@ -157,7 +158,9 @@ def evaluate_subtask(sub, ds, batch_size=256):
             f"`ds` has no image of the sub-task's classes "
             f"{sub.live_class_names}: nothing to evaluate."
         )
-    costs = running_costs(sub.gated_model)
+    # Logits of the classes outside the sub-task are never read.
+    class_mask = keras.ops.convert_to_numpy(sub.class_mask) > 0
+    costs = running_costs(sub._logits_model, class_mask)
     mask = sub.cciv.mask
     return SubtaskReport(
         classes=sub.live_class_names,

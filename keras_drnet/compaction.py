@@ -1,0 +1,281 @@
+"""Compaction: a sub-task as a physically smaller plain Keras model."""
+
+import collections
+
+import keras
+import numpy as np
+
+from keras_drnet.channel_flow import ChannelFlow
+from keras_drnet.channel_flow import kind
+from keras_drnet.channel_gate import ChannelGate
+from keras_drnet.model_surgery import as_functional
+
+
+@keras.saving.register_keras_serializable(package="keras_drnet")
+class ClassSoftmax(keras.layers.Layer):
+    """A softmax over the last axis whose config names the classes.
+
+    Args:
+        class_names: list of str, the name of each output column.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Example:
+
+    ```python
+    small = keras_drnet.compact(sub)
+    small.get_layer("class_probabilities").class_names  # ['cat', 'dog']
+    ```
+    """
+
+    def __init__(self, class_names, **kwargs):
+        super().__init__(**kwargs)
+        self.class_names = list(class_names)
+
+    def call(self, inputs):
+        return keras.ops.softmax(keras.ops.cast(inputs, "float32"), axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"class_names": self.class_names})
+        return config
+
+
+class _Groups:
+    """Union-find over tensors that must keep the same channels."""
+
+    def __init__(self):
+        self.parent = {}
+
+    def find(self, key):
+        self.parent.setdefault(key, key)
+        while self.parent[key] != key:
+            self.parent[key] = self.parent[self.parent[key]]
+            key = self.parent[key]
+        return key
+
+    def union(self, *keys):
+        roots = [self.find(k) for k in keys]
+        for root in roots[1:]:
+            self.parent[root] = roots[0]
+
+
+def _kept_channels(flow, final, class_mask):
+    """Channels to keep per tensor key, consistent across coupled tensors."""
+    groups = _Groups()
+    by_layer = collections.defaultdict(list)
+    for flat in flow.nodes:
+        node_kind = kind(flat)
+        keys = flat.inputs + flat.outputs
+        if node_kind in ("gate", "channelwise", "merge_any", "merge_all"):
+            groups.union(*keys)
+        elif node_kind == "depthwise" and flat.op.depth_multiplier == 1:
+            groups.union(*keys)
+        if isinstance(flat.op, keras.Layer):
+            by_layer[id(flat.op)].append(flat)
+    # A layer called at several places gets one set of sliced weights.
+    for flats in by_layer.values():
+        if len(flats) > 1:
+            for position in range(len(flats[0].inputs)):
+                groups.union(*(f.inputs[position] for f in flats))
+            groups.union(*(f.outputs[0] for f in flats))
+
+    keep = {}
+    for key, live in flow.live.items():
+        root = groups.find(key)
+        wanted = live & flow.need.get(key, np.zeros_like(live))
+        keep[root] = keep.get(root, np.zeros_like(live)) | wanted
+
+    def full(key):
+        keep[groups.find(key)][:] = True
+
+    for key in flow.input_keys:
+        full(key)
+    for flat in flow.nodes:
+        node_kind = kind(flat)
+        if node_kind == "other" or (
+            node_kind == "depthwise" and flat.op.depth_multiplier != 1
+        ):
+            for key in flat.inputs + flat.outputs:
+                full(key)
+    keep[groups.find(final.outputs[0])] = np.asarray(class_mask, bool).copy()
+
+    # Concatenate, Flatten and depth multipliers tie index sets together:
+    # propagate until they agree (bits are only ever set, so this ends).
+    changed = True
+    while changed:
+        changed = False
+        for flat in flow.nodes:
+            node_kind = kind(flat)
+            if node_kind not in ("concat", "flatten", "depthwise"):
+                continue
+            ins = [keep[groups.find(k)] for k in flat.inputs]
+            out = keep[groups.find(flat.outputs[0])]
+            if node_kind == "concat":
+                derived = np.concatenate(ins)
+                back = np.split(
+                    out | derived, np.cumsum([i.size for i in ins])[:-1]
+                )
+            elif node_kind == "flatten":
+                derived = np.tile(ins[0], out.size // ins[0].size)
+                back = [(out | derived).reshape(-1, ins[0].size).any(axis=0)]
+            else:
+                m = flat.op.depth_multiplier
+                derived = np.repeat(ins[0], m)
+                back = [(out | derived).reshape(-1, m).any(axis=1)]
+            if (derived & ~out).any():
+                out |= derived
+                changed = True
+            for array, value in zip(ins, back):
+                if (value & ~array).any():
+                    array |= value
+                    changed = True
+
+    # No layer may end with zero channels: keep its first channel (a zero or
+    # unneeded channel, so outputs do not change).
+    for array in keep.values():
+        if not array.any():
+            array[0] = True
+    return {key: np.flatnonzero(keep[groups.find(key)]) for key in flow.live}
+
+
+def _sliced_layer(flat, kept_in, kept_out, name):
+    """A new layer computing only `kept_out` from the `kept_in` channels."""
+    op = flat.op
+    node_kind = kind(flat)
+    config = op.get_config()
+    config["name"] = name
+    weights = op.get_weights()
+    if node_kind == "dense":
+        key = "units" if isinstance(op, keras.layers.Dense) else "filters"
+        config[key] = len(kept_out)
+        kernel = weights[0][..., kept_in, :][..., kept_out]
+        weights = [kernel] + [w[kept_out] for w in weights[1:]]
+    elif node_kind == "depthwise":
+        weights = [weights[0][..., kept_in, :]] + [
+            w[kept_out] for w in weights[1:]
+        ]
+    elif node_kind == "separable":
+        m = op.depth_multiplier
+        config["filters"] = len(kept_out)
+        middle = (kept_in[:, None] * m + np.arange(m)).ravel()
+        weights = [
+            weights[0][..., kept_in, :],
+            weights[1][..., middle, :][..., kept_out],
+        ] + [w[kept_out] for w in weights[2:]]
+    elif node_kind == "channelwise":
+        weights = [w[kept_out] for w in weights]
+    elif node_kind == "flatten" and isinstance(op, keras.layers.Reshape):
+        config["target_shape"] = (len(kept_out),)
+    layer = op.__class__.from_config(config)
+    return layer, weights
+
+
+def compact(sub, include_softmax=True):
+    """Builds a physically smaller model computing a sub-task.
+
+    Every channel the sub-task switches off is removed: a producer's output
+    channels (Conv/Dense kernels and biases, the BatchNormalization
+    statistics after them, depthwise channels with their inputs) and the
+    consumers' matching input slices, including a Dense after Flatten where
+    one channel is many inputs. Channels joined by a residual `Add` (or
+    `Multiply`, ...) form one group, removed only where every member can
+    lose it; `Concatenate` maps indices into each branch; a layer called
+    twice is sliced once. The classifier keeps only the sub-task's classes,
+    in the order of `sub.classes`, followed by a plain softmax that carries
+    the class names (`ClassSoftmax`).
+
+    A kept channel that the CCIV switches off somewhere in its group (e.g. a
+    residual branch keeps a channel that one gate closes) keeps a
+    `ChannelGate` with the remaining 0/1 mask, so outputs stay equal; a group
+    that would end with no channel keeps its first (zero or unread)
+    channel. Nested models are inlined: the result is one flat functional
+    model.
+
+    Args:
+        sub: `keras_drnet.SubtaskModel`.
+        include_softmax: bool. End in `ClassSoftmax` (default) or in logits.
+
+    Returns:
+        A functional `keras.Model` with output `[batch, len(sub.classes)]`,
+        equal to `sub(x)` restricted to the sub-task's classes.
+
+    Example:
+
+    ```python
+    small = keras_drnet.compact(sub)
+    small.count_params()
+    small.export("cat_dog_small")  # or tf.lite.TFLiteConverter
+    ```
+    """
+    classes = list(sub.cciv.classes)
+    model = sub._logits_model
+    class_mask = np.zeros(sub.civs.num_classes, bool)
+    class_mask[classes] = True
+    flow = ChannelFlow(model, class_mask)
+    final = flow.nodes[-1]
+    kept = _kept_channels(flow, final, class_mask)
+    if kind(final) == "dense" and flow.output_keys[0] == final.outputs[0]:
+        kept[final.outputs[0]] = np.asarray(classes)
+    else:
+        classes = sorted(classes)
+
+    functional = as_functional(model)
+    tensors = {}
+    for key, tensor in zip(flow.input_keys, functional.inputs):
+        tensors[key] = keras.Input(
+            shape=tensor.shape[1:], dtype=tensor.dtype, name=tensor.name
+        )
+    inputs = [tensors[key] for key in flow.input_keys]
+    layers, names = {}, set()
+
+    def unique(name):
+        base, k = name, 1
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.add(name)
+        return name
+
+    for flat in flow.nodes:
+        op = flat.op
+        node_tensors = {
+            id(t): tensors[key]
+            for t, key in zip(flat.node.input_tensors, flat.inputs)
+        }
+        args, kwargs = flat.node.arguments.fill_in(node_tensors)
+        kept_in = kept[flat.inputs[0]] if flat.inputs else None
+        kept_out = kept[flat.outputs[0]]
+        if isinstance(op, ChannelGate):
+            mask = keras.ops.convert_to_numpy(op.gate)[kept_out]
+            if (mask == 1).all():
+                tensors[flat.outputs[0]] = args[0]
+                continue
+            if id(op) not in layers:
+                gate = ChannelGate(source=op.source, name=unique(op.name))
+                layers[id(op)] = (gate, [mask])
+            layer = layers[id(op)][0]
+        elif not isinstance(op, keras.Layer):
+            layer = op
+        else:
+            if id(op) not in layers:
+                layers[id(op)] = _sliced_layer(
+                    flat, kept_in, kept_out, unique(op.name)
+                )
+            layer = layers[id(op)][0]
+        outputs = layer(*args, **kwargs)
+        for key, value in zip(flat.outputs, keras.tree.flatten(outputs)):
+            tensors[key] = value
+    outputs = tensors[flow.output_keys[0]]
+    names_out = [sub.civs.class_names[i] for i in classes]
+    if include_softmax:
+        outputs = ClassSoftmax(names_out, name="class_probabilities")(outputs)
+    small = keras.Model(
+        inputs[0] if len(inputs) == 1 else inputs,
+        outputs,
+        name=f"{sub.name}_compact",
+    )
+    for layer, weights in layers.values():
+        layer.set_weights(weights)
+    return small
