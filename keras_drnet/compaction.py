@@ -95,18 +95,22 @@ def _kept_channels(flow, final, class_mask):
         full(key)
     for flat in flow.nodes:
         node_kind = kind(flat)
-        if node_kind == "other" or (
-            node_kind == "depthwise" and flat.op.depth_multiplier != 1
-        ):
+        if node_kind == "other":
             for key in flat.inputs + flat.outputs:
                 full(key)
     keep[groups.find(final.outputs[0])] = np.asarray(class_mask, bool).copy()
 
     # Concatenate, Flatten and depth multipliers tie index sets together:
-    # propagate until they agree (bits are only ever set, so this ends).
+    # propagate until they agree (bits are only ever set, so this ends). No
+    # tensor may end with zero channels: it keeps its first (a zero or unread
+    # channel, so outputs do not change), which must propagate as well.
     changed = True
     while changed:
         changed = False
+        for array in keep.values():
+            if not array.any():
+                array[0] = True
+                changed = True
         for flat in flow.nodes:
             node_kind = kind(flat)
             if node_kind not in ("concat", "flatten", "depthwise"):
@@ -132,12 +136,6 @@ def _kept_channels(flow, final, class_mask):
                 if (value & ~array).any():
                     array |= value
                     changed = True
-
-    # No layer may end with zero channels: keep its first channel (a zero or
-    # unneeded channel, so outputs do not change).
-    for array in keep.values():
-        if not array.any():
-            array[0] = True
     return {key: np.flatnonzero(keep[groups.find(key)]) for key in flow.live}
 
 
