@@ -21,7 +21,7 @@ from keras_drnet.gate_fitting import gated
 from keras_drnet.gate_fitting import model_input_shape
 from keras_drnet.model_surgery import list_gates
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,10 @@ class CIVs:
         vectors: float array `[num_classes, total_channels]`.
         class_names: list of `num_classes` strings.
         counts: int array `[num_classes]`, images averaged per class.
+        top1_changed: int array `[num_classes]` or `None` (zeros): images per
+            class whose fitted gates changed the top-1 (reset, excluded or
+            replaced by their best gates, as `config["on_top1_change"]`
+            says).
         layout: sequence of `LayoutEntry` (or `(name, source, channels)`).
         fingerprint: str, `model_fingerprint()` of the dissected model.
         config: dict, the fitting settings, kept for the record.
@@ -97,10 +101,15 @@ class CIVs:
         layout,
         fingerprint=None,
         config=None,
+        top1_changed=None,
     ):
         self.vectors = np.asarray(vectors, dtype="float32")
         self.class_names = [str(name) for name in class_names]
         self.counts = np.asarray(counts, dtype="int64")
+        self.top1_changed = np.asarray(
+            np.zeros_like(self.counts) if top1_changed is None
+            else top1_changed, dtype="int64",
+        )
         self.layout = tuple(
             e if isinstance(e, LayoutEntry) else LayoutEntry(*e)
             for e in layout
@@ -115,11 +124,13 @@ class CIVs:
                 f"({num_classes}, {total}) from `class_names` and `layout`. "
                 f"Received: vectors.shape={self.vectors.shape}"
             )
-        if self.counts.shape != (num_classes,):
-            raise ValueError(
-                f"`counts` must have shape ({num_classes},). Received: "
-                f"counts.shape={self.counts.shape}"
-            )
+        for name in ("counts", "top1_changed"):
+            shape = getattr(self, name).shape
+            if shape != (num_classes,):
+                raise ValueError(
+                    f"`{name}` must have shape ({num_classes},). Received: "
+                    f"{name}.shape={shape}"
+                )
 
     @property
     def num_classes(self):
@@ -180,10 +191,16 @@ class CIVs:
         counts = ", ".join(
             f"{n}: {c}" for n, c in zip(self.class_names, self.counts)
         )
+        changed = ", ".join(
+            f"{n}: {c}"
+            for n, c in zip(self.class_names, self.top1_changed)
+            if c
+        )
+        policy = self.config.get("on_top1_change", "reset")
         return (
             f"<CIVs {self.num_classes} classes x {self.total_channels} "
             f"channels in {len(self.layout)} gates; images per class: "
-            f"{{{counts}}}>"
+            f"{{{counts}}}; top-1 changed ({policy}): {{{changed}}}>"
         )
 
     def save(self, path):
@@ -200,12 +217,13 @@ class CIVs:
             "layout": [dataclasses.astuple(entry) for entry in self.layout],
             "fingerprint": self.fingerprint,
             "config": self.config,
-            "sha256": _checksum(self.vectors, self.counts),
+            "sha256": _checksum(self.vectors, self.counts, self.top1_changed),
         }
         _atomic_savez(
             path,
             vectors=self.vectors,
             counts=self.counts,
+            top1_changed=self.top1_changed,
             metadata=np.array(json.dumps(metadata)),
         )
 
@@ -217,6 +235,7 @@ class CIVs:
             with np.load(path, allow_pickle=False) as data:
                 vectors = data["vectors"]
                 counts = data["counts"]
+                top1_changed = data["top1_changed"]
                 metadata = json.loads(str(data["metadata"]))
         except FileNotFoundError:
             raise
@@ -233,7 +252,7 @@ class CIVs:
                 f"truncated or not a CIVs file ({type(e).__name__}: {e}). "
                 "Re-run `keras_drnet.dissect()` and save again."
             ) from e
-        if metadata.get("sha256") != _checksum(vectors, counts):
+        if metadata.get("sha256") != _checksum(vectors, counts, top1_changed):
             raise ValueError(
                 f"CIVs file {path!r} is corrupted: its checksum does not "
                 "match its contents. Re-run `keras_drnet.dissect()`."
@@ -245,12 +264,14 @@ class CIVs:
             metadata["layout"],
             fingerprint=metadata["fingerprint"],
             config=metadata["config"],
+            top1_changed=top1_changed,
         )
 
 
-def _checksum(vectors, counts):
-    digest = hashlib.sha256(np.ascontiguousarray(vectors).tobytes())
-    digest.update(np.ascontiguousarray(counts).tobytes())
+def _checksum(*arrays):
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
 
@@ -304,7 +325,7 @@ def labelled_elements(ds, input_shape, num_classes):
 
 
 class _Checkpoint:
-    """Sums, counts and dataset position, written after every batch."""
+    """Sums, counts, top-1 changes and position, saved after every batch."""
 
     def __init__(self, directory, settings):
         self.path = os.path.join(directory, "dissect_state.npz")
@@ -323,13 +344,15 @@ class _Checkpoint:
                     f"model ({settings} vs now {self.settings}). Use another "
                     "`checkpoint_dir` or delete it to start over."
                 )
-            return data["sums"], data["counts"], int(data["position"])
+            return (data["sums"], data["counts"], data["changed"],
+                    int(data["position"]))
 
-    def save(self, sums, counts, position):
+    def save(self, sums, counts, changed, position):
         _atomic_savez(
             self.path,
             sums=sums,
             counts=counts,
+            changed=changed,
             position=np.array(position),
             settings=np.array(json.dumps(self.settings)),
         )
@@ -346,6 +369,7 @@ def dissect(
     momentum=0.9,
     gamma=0.05,
     clip=(0.0, 10.0),
+    on_top1_change="reset",
     select="all",
     checkpoint_dir=None,
     strategy=None,
@@ -372,6 +396,10 @@ def dissect(
         iterations, learning_rate, momentum, gamma, clip: fitting
             hyperparameters, defaults from the paper (sec. 4.1); see
             `GateFitter`.
+        on_top1_change: for an image whose top-1 the fitted gates change:
+            `"reset"` its gates to 1 (paper), `"exclude"` it from its class
+            average, or `"keep_best"` (its last gates that kept the top-1).
+            `CIVs.top1_changed` counts these images per class.
         select: which ReLUs get gates; see `inject_gates()`.
         checkpoint_dir: str or `None`. If set, progress is saved there after
             every batch, and a dissection restarted with the same arguments
@@ -431,6 +459,7 @@ def dissect(
             momentum=momentum,
             gamma=gamma,
             clip=clip,
+            on_top1_change=on_top1_change,
         )
     run = BatchFitter(fitter, batch_size, strategy, jit_compile)
     layout = gate_layout(fitter.gated_model)
@@ -445,11 +474,13 @@ def dissect(
         "momentum": fitter.momentum,
         "gamma": fitter.gamma,
         "clip": list(fitter.clip),
+        "on_top1_change": on_top1_change,
         "select": select if isinstance(select, str) else repr(select),
     }
 
     sums = np.zeros((num_classes, fitter.total_channels), "float64")
     counts = np.zeros(num_classes, "int64")
+    changed = np.zeros(num_classes, "int64")
     position = 0
     checkpoint = None
     if checkpoint_dir is not None:
@@ -459,21 +490,27 @@ def dissect(
         )
         state = checkpoint.load()
         if state is not None:
-            sums, counts, position = state
+            sums, counts, changed, position = state
 
     limit = samples_per_class
     target = None if limit is None else limit * num_classes
     progress = Progress(target, verbose)
     progress.add(int(counts.sum()))
-    selected = counts.copy()
+    # Images taken so far (a resumed run skips them), excluded ones too.
+    selected = counts + (changed if on_top1_change == "exclude" else 0)
     images, labels = [], []
 
     def flush():
-        cdrps = run(np.stack(images))
-        np.add.at(sums, labels, cdrps.astype("float64"))
-        counts[:] += np.bincount(labels, minlength=num_classes)
+        cdrps, top1_changed = run(np.stack(images))
+        batch_labels = np.asarray(labels)
+        used = ~np.isnan(cdrps).any(axis=1)  # "exclude" gives NaN rows
+        np.add.at(sums, batch_labels[used], cdrps[used].astype("float64"))
+        counts[:] += np.bincount(batch_labels[used], minlength=num_classes)
+        changed[:] += np.bincount(
+            batch_labels[top1_changed], minlength=num_classes
+        )
         if checkpoint is not None:
-            checkpoint.save(sums, counts, position)
+            checkpoint.save(sums, counts, changed, position)
         progress.add(len(images))
         images.clear()
         labels.clear()
@@ -502,10 +539,11 @@ def dissect(
 
     with np.errstate(invalid="ignore", divide="ignore"):
         vectors = sums / counts[:, None]
-    civs = CIVs(vectors, class_names, counts, layout, fingerprint, config)
+    civs = CIVs(vectors, class_names, counts, layout, fingerprint, config,
+                changed)
     short = [
         f"{n} ({c})"
-        for n, c in zip(class_names, counts)
+        for n, c in zip(class_names, selected)
         if limit is not None and 0 < c < limit
     ]
     if short:
@@ -517,8 +555,9 @@ def dissect(
         )
     if civs.missing:
         warnings.warn(
-            f"No image was found for classes {civs.missing}: their CIVs are "
-            "missing (NaN) and sub-tasks cannot use them.",
+            f"No image was averaged for classes {civs.missing} (none was "
+            "found, or `on_top1_change='exclude'` excluded them all): their "
+            "CIVs are missing (NaN) and sub-tasks cannot use them.",
             stacklevel=2,
         )
     return civs

@@ -21,8 +21,13 @@ class GateFitter(keras.Model):
     For every image `x`, gates `λ` (one per gated channel) start at 1 and take
     `iterations` SGD-with-momentum steps on
     `KL(softmax f(x) || softmax f(x; λ)) + gamma * ||λ||_1`, clipped to `clip`
-    after each step. If the fitted gates change the top-1 class, the image's
-    gates are reset to 1. The result is the image's CDRP.
+    after each step. The result is the image's CDRP. If the fitted gates
+    change the top-1 class, `on_top1_change` decides:
+
+    - `"reset"` (the paper): the CDRP is all ones;
+    - `"exclude"`: the CDRP is NaN, so averages can leave the image out;
+    - `"keep_best"` (as the CDRP authors' code): the last gates of the
+      fitting that still kept the top-1 (at worst the initial all-ones).
 
     A batch is fitted at once, each image with its own gates and momentum:
     the batch loss is the *sum* of the per-image losses, so each image's
@@ -32,8 +37,10 @@ class GateFitter(keras.Model):
     runs in inference mode (BatchNorm uses its moving statistics) and only
     the gates are differentiated: no weight gradient is ever computed.
 
-    `train_step` is one fitting iteration; `predict_step` fits a batch and
-    returns its CDRPs, so `fitter.predict(images)` works like any Keras model.
+    `train_step` is one fitting iteration; `fit_batch` fits a batch and
+    returns its CDRPs and which images' top-1 the fitted gates changed;
+    `predict_step` returns the CDRPs alone, so `fitter.predict(images)` works
+    like any Keras model.
 
     Args:
         gated_model: a model returned by `keras_drnet.inject_gates()`.
@@ -42,6 +49,7 @@ class GateFitter(keras.Model):
         momentum: float. SGD momentum (paper: 0.9).
         gamma: float. Weight of the L1 term (paper: 0.05).
         clip: `(min, max)` gate range enforced after each step (paper: [0, 10]).
+        on_top1_change: `"reset"` (paper), `"exclude"` or `"keep_best"`.
         **kwargs: Base model keyword arguments, such as `name`.
 
     Example:
@@ -64,16 +72,19 @@ class GateFitter(keras.Model):
         momentum=0.9,
         gamma=0.05,
         clip=(0.0, 10.0),
+        on_top1_change="reset",
         **kwargs,
     ):
         super().__init__(**kwargs)
         _check_hyperparameters(iterations, learning_rate, momentum, gamma, clip)
+        check_top1_policy(on_top1_change)
         self.gated_model = gated_model
         self.iterations = int(iterations)
         self.learning_rate = float(learning_rate)
         self.momentum = float(momentum)
         self.gamma = float(gamma)
         self.clip = (float(clip[0]), float(clip[1]))
+        self.on_top1_change = on_top1_change
         self._logits_model, _ = split_softmax(gated_model)
         self._gates = [spec.layer for spec in list_gates(gated_model)]
         if not self._gates:
@@ -99,16 +110,19 @@ class GateFitter(keras.Model):
 
         Args:
             state: dict with `images`, `target` (log-probabilities of the
-                ungated model), `gates` and `velocity` (`[batch, total]`).
+                ungated model), `gates` and `velocity` (`[batch, total]`),
+                and optionally `best`: the last gates that kept the top-1.
 
         Returns:
-            The state with updated `gates` and `velocity`, and the
-            per-image `loss` before the update.
+            The state with updated `gates` and `velocity`, the per-image
+            `loss` before the update, and `best` updated with the gates
+            before the update if they kept the top-1.
         """
         gates = state["gates"]
         with tf.GradientTape() as tape:
             tape.watch(gates)
-            log_q = ops.log_softmax(self.logits(state["images"], gates))
+            logits = self.logits(state["images"], gates)
+            log_q = ops.log_softmax(logits)
             target = state["target"]
             kl = ops.sum(ops.exp(target) * (target - log_q), axis=-1)
             loss = kl + self.gamma * ops.sum(ops.abs(gates), axis=-1)
@@ -118,27 +132,42 @@ class GateFitter(keras.Model):
         # SGD for a constant learning rate.
         velocity = self.momentum * state["velocity"] - self.learning_rate * grads
         # Paper sec. 4.1: clip the gates after every iteration.
-        gates = ops.clip(gates + velocity, self.clip[0], self.clip[1])
-        return dict(state, gates=gates, velocity=velocity, loss=loss)
+        new_gates = ops.clip(gates + velocity, self.clip[0], self.clip[1])
+        state = dict(state, gates=new_gates, velocity=velocity, loss=loss)
+        if "best" in state:
+            kept = _same_top1(logits, target)
+            state["best"] = ops.where(kept[:, None], gates, state["best"])
+        return state
 
-    def predict_step(self, data):
-        images = data[0] if isinstance(data, (tuple, list)) else data
+    def fit_batch(self, images):
+        """Fits a batch: `(cdrps [batch, total], top1_changed [batch])`."""
         ones = ops.ones((ops.shape(images)[0], self.total_channels))
-        logits = self.logits(images, ones)
+        target = ops.log_softmax(self.logits(images, ones))
         state = {
             "images": images,
-            "target": ops.log_softmax(logits),
+            "target": target,
             "gates": ones,
             "velocity": ops.zeros_like(ones),
             "loss": ops.zeros_like(ones[:, 0]),
         }
+        if self.on_top1_change == "keep_best":
+            state["best"] = ones
         state = ops.fori_loop(
             0, self.iterations, lambda _, state: self.train_step(state), state
         )
-        # Paper sec. 4.1: keep the top-1 prediction; reset the gates if not.
-        fitted_top1 = ops.argmax(self.logits(images, state["gates"]), axis=-1)
-        kept = ops.equal(fitted_top1, ops.argmax(logits, axis=-1))
-        return ops.where(kept[:, None], state["gates"], ones)
+        gates = state["gates"]
+        kept = _same_top1(self.logits(images, gates), target)
+        # Paper sec. 4.1 resets the gates of an image whose top-1 changed.
+        fallback = {
+            "reset": ones,
+            "exclude": ops.full_like(ones, np.nan),
+            "keep_best": state.get("best"),
+        }[self.on_top1_change]
+        return ops.where(kept[:, None], gates, fallback), ops.logical_not(kept)
+
+    def predict_step(self, data):
+        images = data[0] if isinstance(data, (tuple, list)) else data
+        return self.fit_batch(images)[0]
 
     def fit(self, *args, **kwargs):
         raise NotImplementedError(
@@ -158,6 +187,7 @@ class GateFitter(keras.Model):
                 "momentum": self.momentum,
                 "gamma": self.gamma,
                 "clip": tuple(self.clip),
+                "on_top1_change": self.on_top1_change,
             }
         )
         return config
@@ -168,6 +198,21 @@ class GateFitter(keras.Model):
             config["gated_model"]
         )
         return cls(**config)
+
+
+TOP1_POLICIES = ("reset", "exclude", "keep_best")
+
+
+def check_top1_policy(on_top1_change):
+    if on_top1_change not in TOP1_POLICIES:
+        raise ValueError(
+            f"`on_top1_change` must be one of {list(TOP1_POLICIES)}. "
+            f"Received: on_top1_change={on_top1_change!r}"
+        )
+
+
+def _same_top1(logits, target):
+    return ops.equal(ops.argmax(logits, axis=-1), ops.argmax(target, axis=-1))
 
 
 def is_int(value):
@@ -220,7 +265,7 @@ class BatchFitter:
         replicas = self.strategy.num_replicas_in_sync
         self.batch_size = -(-batch_size // replicas) * replicas
         self._per_replica = self.batch_size // replicas
-        self._step = tf.function(fitter.predict_step, jit_compile=jit_compile)
+        self._step = tf.function(fitter.fit_batch, jit_compile=jit_compile)
         self._run = tf.function(self._distributed)
 
     def _distributed(self, images):
@@ -231,17 +276,22 @@ class BatchFitter:
         values = self.strategy.experimental_distribute_values_from_function(
             shard
         )
-        cdrps = self.strategy.run(self._step, args=(values,))
-        return tf.concat(self.strategy.experimental_local_results(cdrps), 0)
+        results = self.strategy.run(self._step, args=(values,))
+        return [
+            tf.concat(self.strategy.experimental_local_results(r), 0)
+            for r in results
+        ]
 
     def __call__(self, images):
+        """`(cdrps, top1_changed)` of a numpy batch of images."""
         count = len(images)
         if count < self.batch_size:
             pad = np.zeros(
                 (self.batch_size - count,) + images.shape[1:], images.dtype
             )
             images = np.concatenate([images, pad])
-        return self._run(tf.constant(images)).numpy()[:count]
+        cdrps, changed = self._run(tf.constant(images))
+        return cdrps.numpy()[:count], changed.numpy()[:count]
 
 
 def image_batches(images, batch_size, input_shape, dtype):
@@ -304,6 +354,7 @@ def cdrp(
     momentum=0.9,
     gamma=0.05,
     clip=(0.0, 10.0),
+    on_top1_change="reset",
     batch_size=64,
     select="all",
     strategy=None,
@@ -320,6 +371,8 @@ def cdrp(
             expects them.
         iterations, learning_rate, momentum, gamma, clip: the fitting
             hyperparameters; defaults are the paper's (sec. 4.1).
+        on_top1_change: `"reset"` (paper: all-ones CDRP), `"exclude"` (NaN
+            CDRP) or `"keep_best"`; see `GateFitter`.
         batch_size: int. Images fitted at once.
         select: which ReLUs get gates when `model` has none yet; see
             `inject_gates()`.
@@ -329,7 +382,8 @@ def cdrp(
 
     Returns:
         float32 array `[N, total_gated_channels]`, channels in the order of
-        `list_gates()`.
+        `list_gates()`; with `on_top1_change="exclude"`, the rows of the
+        images whose top-1 changed are NaN.
 
     Example:
 
@@ -352,12 +406,13 @@ def cdrp(
             momentum=momentum,
             gamma=gamma,
             clip=clip,
+            on_top1_change=on_top1_change,
         )
     run = BatchFitter(fitter, batch_size, strategy, jit_compile)
     progbar = Progress(None, verbose)
     results = []
     for batch in image_batches(images, run.batch_size, input_shape, dtype):
-        results.append(run(batch))
+        results.append(run(batch)[0])
         progbar.add(len(batch))
     progbar.finish()
     if not results:

@@ -1,6 +1,7 @@
 """CIVs of a sub-task's classes -> one 0/1 vector of channels to run (CCIV)."""
 
 import dataclasses
+import warnings
 
 import numpy as np
 
@@ -161,6 +162,8 @@ def combine(
         threshold = float(scores[order[keep - 1]])
     else:
         mask = (scores >= threshold).astype("float32")
+        if method == "union":
+            _warn_if_resets_open_everything(civs, indices, threshold)
     if empty_gates == "keep_best":
         start = 0
         for entry in civs.layout:
@@ -176,3 +179,23 @@ def combine(
         threshold=float(threshold),
         scores=scores,
     )
+
+
+def _warn_if_resets_open_everything(civs, indices, threshold):
+    # A reset image adds 1/count to every channel of its class's CIV.
+    if civs.config.get("on_top1_change", "reset") != "reset":
+        return
+    for index in indices:
+        floor = civs.top1_changed[index] / max(civs.counts[index], 1)
+        if civs.top1_changed[index] and threshold <= floor:
+            name = civs.class_names[index]
+            warnings.warn(
+                f"{civs.top1_changed[index]} of the {civs.counts[index]} "
+                f"images of class '{name}' were reset to all-ones gates (the "
+                f"paper's top-1 guard), which adds {floor:.3g} to every "
+                f"channel of its CIV: threshold={threshold:g} keeps every "
+                "channel. Dissect with `on_top1_change='keep_best'` or "
+                f"'exclude', or use a threshold above {floor:.3g} or a "
+                "`budget`.",
+                stacklevel=3,
+            )

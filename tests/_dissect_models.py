@@ -176,24 +176,38 @@ class ReferenceFitter:
         return lam_grad + tf.concat(gate_grads, 0)[None]
 
     def fit_one(
-        self, image, iterations, learning_rate, momentum, gamma, clip
+        self, image, iterations, learning_rate, momentum, gamma, clip,
+        on_top1_change="reset",
     ):
         image = tf.constant(image[None])
         p = self.probabilities(image)
+        target = int(tf.argmax(p[0]))
+
+        def keeps_top1(gates):
+            self.set_gates(gates)
+            return int(tf.argmax(self.gated_logits(image)[0])) == target
+
         lam = tf.Variable(tf.ones([1, self.total]), name="lambda")
         optimizer = keras.optimizers.SGD(learning_rate, momentum=momentum)
+        best = lam.numpy()[0]  # the last gates that kept the top-1
         for _ in range(iterations):
+            if keeps_top1(lam.numpy()):
+                best = lam.numpy()[0]
             self.set_gates(lam.numpy())
             grad = self._gradient(image, p, lam, tf.constant(gamma))
             optimizer.apply_gradients([(grad, lam)])
             lam.assign(tf.clip_by_value(lam, clip[0], clip[1]))
         fitted = lam.numpy()[0]
-        self.set_gates(fitted)
-        kept = int(tf.argmax(self.gated_logits(image)[0])) == int(
-            tf.argmax(p[0])
-        )
+        kept = keeps_top1(fitted)
         self.set_gates(np.ones(self.total))
-        return (fitted if kept else np.ones(self.total, "float32")), kept
+        if kept:
+            return fitted, kept
+        fallback = {
+            "reset": np.ones(self.total, "float32"),
+            "exclude": np.full(self.total, np.nan, "float32"),
+            "keep_best": best,
+        }[on_top1_change]
+        return fallback, kept
 
     def __call__(self, images, **hyperparameters):
         """`(cdrps [N, total], kept [N])` for `images`."""

@@ -124,6 +124,56 @@ def test_civ_is_the_mean_of_its_class_cdrps(data, xy, baseline):
     assert civs.vectors.min() >= 0.0 and civs.vectors.max() <= 10.0
 
 
+@pytest.fixture(scope="module")
+def policies(data):
+    """Every policy's dissection of 300 test images, and their CDRPs.
+
+    Held-out images: a few of them change their top-1 under fitting.
+    """
+    x, y = data["x_test"][:300], data["y_test"][:300]
+    results = {}
+    for policy in ("reset", "exclude", "keep_best"):
+        civs = kd.dissect(data["model"], (x, y), samples_per_class=None,
+                          class_names=NAMES, batch_size=64,
+                          on_top1_change=policy, verbose=0)
+        cdrps = kd.cdrp(data["model"], x, on_top1_change=policy)
+        results[policy] = civs, cdrps
+    return y, results
+
+
+@pytest.mark.parametrize("policy", ["reset", "exclude", "keep_best"])
+def test_top1_policy_civ_is_the_mean_of_what_it_keeps(policies, policy):
+    labels, results = policies
+    civs, cdrps = results[policy]
+    changed = np.isnan(results["exclude"][1]).any(axis=1)
+    assert changed.sum() >= 3, "too few images changed their top-1"
+    for c in range(dm.NUM_CLASSES):
+        mine = labels == c
+        used = mine & ~np.isnan(cdrps).any(axis=1)
+        assert civs.top1_changed[c] == (mine & changed).sum()
+        assert civs.counts[c] == used.sum()
+        if used.any():
+            np.testing.assert_allclose(
+                civs.vectors[c], cdrps[used].mean(axis=0), atol=1e-5
+            )
+    assert civs.config["on_top1_change"] == policy
+    sizes = np.bincount(labels, minlength=dm.NUM_CLASSES)
+    if policy == "exclude":
+        np.testing.assert_array_equal(civs.counts + civs.top1_changed, sizes)
+    else:
+        np.testing.assert_array_equal(civs.counts, sizes)
+    text = repr(civs).split("top-1 changed")[1]
+    assert text.startswith(f" ({policy})")
+    worst = int(np.argmax(civs.top1_changed))
+    assert f"{NAMES[worst]}: {civs.top1_changed[worst]}" in text
+
+
+def test_top1_changes_round_trip(policies, tmp_path):
+    civs = policies[1]["exclude"][0]
+    civs.save(tmp_path / "civs.npz")
+    assert_identical(kd.CIVs.load(tmp_path / "civs.npz"), civs)
+
+
 def test_civs_metadata(data, baseline):
     civs, record = baseline
     assert record == [], [str(w.message) for w in record]
@@ -167,7 +217,7 @@ def test_samples_per_class_none_uses_every_image(data, xy):
     x, y = xy
     x, y = x[:25], y[:25]  # no image of class 5 among them
     assert 5 not in y
-    with pytest.warns(UserWarning, match=r"No image was found for classes \['5'\]"):
+    with pytest.warns(UserWarning, match=r"No image was averaged for classes \['5'\]"):
         civs = kd.dissect(
             data["model"], (x, y), samples_per_class=None, iterations=5,
             batch_size=BATCH, verbose=0,
@@ -483,6 +533,7 @@ def assert_identical(loaded, civs):
     assert loaded.vectors.tobytes() == civs.vectors.tobytes()
     assert loaded.counts.dtype == civs.counts.dtype
     np.testing.assert_array_equal(loaded.counts, civs.counts)
+    np.testing.assert_array_equal(loaded.top1_changed, civs.top1_changed)
     assert loaded.class_names == civs.class_names
     assert loaded.layout == civs.layout
     assert all(isinstance(e, LayoutEntry) for e in loaded.layout)
@@ -785,6 +836,26 @@ def test_checkpointed_run_equals_plain_run(data, xy, tmp_path):
     )
     assert np.array_equal(plain.vectors, checkpointed.vectors)
     assert (tmp_path / "ckpt" / "dissect_state.npz").exists()
+
+
+def test_resumed_exclude_run_takes_no_image_twice(data, tmp_path):
+    """A dissection cut short (the stream ends early) resumes where it was:
+    excluded images count as taken, so the result equals one plain run."""
+    x, y = data["x_test"][:300], data["y_test"][:300]
+    settings = dict(samples_per_class=20, batch_size=16, verbose=0,
+                    on_top1_change="exclude")
+    plain = kd.dissect(data["model"], (x, y), **settings)
+    assert plain.top1_changed.sum() > 0, "no image was excluded"
+    directory = str(tmp_path / "ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the cut run has short classes
+        kd.dissect(data["model"], (x[:150], y[:150]),
+                   checkpoint_dir=directory, **settings)
+    resumed = kd.dissect(data["model"], (x, y), checkpoint_dir=directory,
+                         **settings)
+    np.testing.assert_array_equal(resumed.counts, plain.counts)
+    np.testing.assert_array_equal(resumed.top1_changed, plain.top1_changed)
+    np.testing.assert_allclose(resumed.vectors, plain.vectors, atol=1e-6)
 
 
 @pytest.fixture

@@ -246,6 +246,52 @@ def test_every_cdrp_is_reset_or_keeps_the_top1(data, pool):
 
 
 # ---------------------------------------------------------------------------
+# What happens to an image whose top-1 the fitted gates change.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["exclude", "keep_best"])
+def test_top1_policy_batched_matches_per_image_reference(
+    data, mixed_images, reference, policy
+):
+    _, reset_cdrps, kept = reference
+    expected, expected_kept = dm.ReferenceFitter(data["model"])(
+        mixed_images, on_top1_change=policy
+    )
+    np.testing.assert_array_equal(expected_kept, kept)
+    observed = kd.cdrp(
+        data["model"], mixed_images, batch_size=5, on_top1_change=policy
+    )
+    # Images that kept their top-1 get the same CDRP under every policy.
+    np.testing.assert_allclose(observed[kept], reset_cdrps[kept], atol=1e-4)
+    if policy == "exclude":
+        assert np.isnan(observed[~kept]).all()
+        assert not np.isnan(observed[kept]).any()
+    else:
+        np.testing.assert_allclose(observed[~kept], expected[~kept], atol=1e-4)
+
+
+def test_keep_best_gates_keep_the_top1_and_are_fitted(data, pool):
+    images, reset_cdrps = pool
+    changed = np.all(reset_cdrps == 1.0, axis=1)
+    best = kd.cdrp(data["model"], images[changed], on_top1_change="keep_best")
+    original = np.argmax(
+        data["model"].predict(images[changed], verbose=0), axis=-1
+    )
+    fitter = dm.ReferenceFitter(data["model"])
+    np.testing.assert_array_equal(
+        dm.top1_with_gates(fitter, images[changed], best), original
+    )
+    # Not merely reset: most changed images had useful gates on the way.
+    assert np.mean(np.any(best < 0.5, axis=1)) > 0.5
+
+
+def test_unknown_top1_policy_is_rejected(data):
+    with pytest.raises(ValueError, match="on_top1_change.*Received.*'drop'"):
+        kd.cdrp(data["model"], data["x_test"][:2], on_top1_change="drop")
+
+
+# ---------------------------------------------------------------------------
 # GateFitter as a Keras model.
 # ---------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ channel order. All CIVs here are made by hand, with values that are exact
 in binary so that ties with the threshold are exact.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -347,3 +349,36 @@ def test_non_civs_argument_is_refused_clearly():
     vectors = make_civs().vectors
     with pytest.raises(TypeError, match="CIVs"):
         kd.combine(vectors, ["cat", "dog"], threshold=0.5)
+
+
+# ---------------------------------------------------------------------------
+# A threshold that the paper's top-1 resets make meaningless.
+# ---------------------------------------------------------------------------
+
+
+def _civs_with_resets(policy):
+    # "dog": 2 of 20 images reset -> every channel >= 2/20 = 0.1.
+    vectors = np.full((len(NAMES), TOTAL), 0.01)
+    vectors[1] += 0.1
+    return kd.CIVs(vectors, NAMES, [20] * 5, LAYOUT, "fp",
+                   {"on_top1_change": policy}, top1_changed=[0, 2, 0, 0, 0])
+
+
+def test_threshold_below_the_reset_floor_warns():
+    with pytest.warns(UserWarning, match=r"2 of the 20 images of class 'dog'"
+                      r".*adds 0.1 to every channel.*threshold=0.05"):
+        cciv = kd.combine(_civs_with_resets("reset"), ["cat", "dog"],
+                          threshold=0.05)
+    assert cciv.mask.all()
+
+
+@pytest.mark.parametrize(
+    "policy, classes, threshold",
+    [("reset", ["cat", "dog"], 0.2), ("reset", ["cat", "bird"], 0.05),
+     ("keep_best", ["cat", "dog"], 0.05), ("exclude", ["cat", "dog"], 0.05)],
+)
+def test_no_reset_warning_when_resets_do_not_decide(policy, classes, threshold):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kd.combine(_civs_with_resets(policy), classes, threshold=threshold)
+        kd.combine(_civs_with_resets(policy), classes, budget=0.5)
