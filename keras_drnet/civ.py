@@ -187,6 +187,57 @@ class CIVs:
             )
         )
 
+    def similarity(self, threshold=0.0):
+        """Class-by-class IoU of important-channel sets (paper formula 5).
+
+        A class's important channels are those whose CIV value is above
+        `threshold` (paper: 0, i.e. non-zero). Missing classes give NaN rows
+        and columns; two classes with no important channel have IoU 0.
+
+        Returns:
+            float array `[num_classes, num_classes]`, 1 on the diagonal.
+        """
+        important = self.vectors > threshold
+        inter = important.astype("int64") @ important.T.astype("int64")
+        sizes = important.sum(axis=1)
+        union = sizes[:, None] + sizes[None, :] - inter
+        iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+        np.fill_diagonal(iou, 1.0)
+        missing = self.counts == 0
+        iou[missing, :] = np.nan
+        iou[:, missing] = np.nan
+        return iou
+
+    def plot_similarity(self, path=None, threshold=0.0):
+        """Heat map of `similarity()` (paper Figure 8).
+
+        Returns the matplotlib figure; also saves it when `path` is given.
+        """
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        iou = self.similarity(threshold)
+        size = max(4.0, 0.5 * self.num_classes + 2)
+        fig, ax = plt.subplots(figsize=(size, size * 0.85))
+        image = ax.imshow(iou, cmap="viridis")
+        ticks = np.arange(self.num_classes)
+        ax.set_xticks(ticks, self.class_names, rotation=90)
+        ax.set_yticks(ticks, self.class_names)
+        for i in ticks:
+            for j in ticks:
+                if i != j and not np.isnan(iou[i, j]):
+                    ax.text(j, i, f"{iou[i, j]:.2f}", ha="center",
+                            va="center", fontsize=6, color="w")
+        ax.set_title(f"IoU of important channels (CIV > {threshold:g})")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
     def __repr__(self):
         counts = ", ".join(
             f"{n}: {c}" for n, c in zip(self.class_names, self.counts)

@@ -1,14 +1,19 @@
 """`SubtaskModel`: the network running only a sub-task's channels and classes."""
 
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_drnet.calibration import calibrate_batchnorm
 from keras_drnet.civ import CIVs
 from keras_drnet.civ import gate_layout
+from keras_drnet.civ import labelled_elements
 from keras_drnet.civ import model_fingerprint
 from keras_drnet.gate_fitting import gated
+from keras_drnet.gate_fitting import model_input_shape
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
 from keras_drnet.reconstruction import combine
@@ -35,6 +40,8 @@ class SubtaskModel(keras.Model):
         threshold: float or `None`; see `keras_drnet.combine()`.
         budget: float or `None`; see `keras_drnet.combine()`.
         empty_gates: `"keep_best"` or `"allow"`; see `keras_drnet.combine()`.
+        calibrated_for: class indices the BatchNorm statistics were
+            recalibrated for (see `calibrate()`), or `None`.
         **kwargs: Base model keyword arguments, such as `name`.
 
     Example:
@@ -59,6 +66,7 @@ class SubtaskModel(keras.Model):
         threshold=None,
         budget=None,
         empty_gates="keep_best",
+        calibrated_for=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -71,6 +79,7 @@ class SubtaskModel(keras.Model):
         self.threshold = threshold
         self.budget = budget
         self.empty_gates = empty_gates
+        self.calibrated_for = calibrated_for
         self._logits_model, self.ends_in_softmax = split_softmax(gated_model)
         self._gates = [spec.layer for spec in list_gates(gated_model)]
         # Stored as weights so that a saved sub-task can switch classes.
@@ -124,6 +133,16 @@ class SubtaskModel(keras.Model):
         cciv = combine(
             self.civs, classes, method, threshold, budget, empty_gates
         )
+        if self.calibrated_for is not None and list(cciv.classes) != list(
+            self.calibrated_for
+        ):
+            warnings.warn(
+                "This sub-task's BatchNorm statistics were recalibrated for "
+                f"classes {[self.civs.class_names[i] for i in self.calibrated_for]}"
+                " and stay as they are; call `calibrate()` with images of "
+                "the new classes.",
+                stacklevel=2,
+            )
         for gate, mask in zip(self._gates, cciv.per_gate().values()):
             gate.set_gate(mask)
         live = np.zeros(self.civs.num_classes, "float32")
@@ -144,6 +163,42 @@ class SubtaskModel(keras.Model):
 
     def call(self, inputs, training=False):
         return self.masked_softmax(self._logits_model(inputs, training=False))
+
+    def calibrate(self, ds, samples=512):
+        """Re-estimates BatchNorm statistics for this sub-task's channels.
+
+        With channels off, the layers after them see other activation
+        statistics than in training; the BatchNorm layers downstream of a
+        closed gate get the statistics of the masked network on images of
+        the sub-task's classes (see `keras_drnet.calibrate_batchnorm()`). No
+        label is learned from: labels only pick the sub-task's images.
+
+        Args:
+            ds: `(image, label)` pairs (dataset or tuple of arrays), of which
+                those of the sub-task's classes are used; or images alone
+                (array or dataset), all assumed to be of those classes.
+            samples: int. Images used (at most).
+
+        Returns:
+            The names of the recalibrated layers.
+        """
+        input_shape, _ = model_input_shape(self.gated_model)
+        paired = isinstance(ds, tuple) or (
+            isinstance(ds, tf.data.Dataset)
+            and isinstance(ds.element_spec, tuple)
+        )
+        if paired:
+            live = tf.constant(list(self.cciv.classes), tf.int64)
+            ds = (
+                labelled_elements(ds, input_shape, self.civs.num_classes)
+                .filter(lambda x, y: tf.reduce_any(
+                    tf.equal(tf.cast(y, tf.int64), live)))
+                .map(lambda x, y: x)
+                .take(samples)
+            )
+        names = calibrate_batchnorm(self.gated_model, ds, max_images=samples)
+        self.calibrated_for = list(self.cciv.classes)
+        return names
 
     def predict_class_names(self, images, batch_size=None, verbose=0):
         """The predicted class name of every image."""
@@ -188,6 +243,7 @@ class SubtaskModel(keras.Model):
                 "threshold": self.threshold,
                 "budget": self.budget,
                 "empty_gates": self.empty_gates,
+                "calibrated_for": self.calibrated_for,
             }
         )
         return config
@@ -210,6 +266,7 @@ class SubtaskModel(keras.Model):
             self.civs.layout,
             self.civs.fingerprint,
             self.civs.config,
+            self.civs.top1_changed,
         )
         self.set_classes(self.classes)
 
@@ -221,6 +278,7 @@ def _civs_config(civs):
         "layout": [[e.name, e.source, e.channels] for e in civs.layout],
         "fingerprint": civs.fingerprint,
         "config": civs.config,
+        "top1_changed": civs.top1_changed.tolist(),
     }
 
 
@@ -235,6 +293,7 @@ def _civs_from_config(config):
         config["layout"],
         config["fingerprint"],
         config["config"],
+        config.get("top1_changed"),
     )
 
 
@@ -246,6 +305,8 @@ def subtask(
     threshold=None,
     budget=None,
     empty_gates="keep_best",
+    calibrate=None,
+    calibration_samples=512,
 ):
     """Builds the `SubtaskModel` of `model` for `classes`.
 
@@ -255,6 +316,11 @@ def subtask(
         classes: list of class names or indices, e.g. `["cat", "dog"]`.
         method, threshold, budget, empty_gates: how CIVs are combined; see
             `keras_drnet.combine()`. Exactly one of `threshold`/`budget`.
+        calibrate: `None`, or images to recalibrate the BatchNorm
+            statistics of the masked network on (`(image, label)` pairs of
+            which the sub-task's classes are used, or images alone); see
+            `SubtaskModel.calibrate()`. `model` itself is never changed.
+        calibration_samples: int. Images used to recalibrate (at most).
 
     Returns:
         `SubtaskModel`.
@@ -264,7 +330,7 @@ def subtask(
     ```python
     civs = keras_drnet.dissect(model, train_ds, class_names=names)
     sub = keras_drnet.subtask(model, civs, ["cat", "dog"], threshold=6e-3)
-    sub.report(test_ds).plot("layers.png")
+    keras_drnet.evaluate_subtask(sub, test_ds).plot("layers.png")
     sub.export("cat_dog_savedmodel")
     ```
     """
@@ -293,7 +359,11 @@ def subtask(
             "dissection used another `select`). Pass the gated model used "
             "for the dissection instead."
         )
-    return SubtaskModel(
+    if calibrate is not None and gated_model is model:
+        # Calibration writes BatchNorm statistics: never into the user's model.
+        gated_model = keras.models.clone_model(model)
+        gated_model.set_weights(model.get_weights())
+    sub = SubtaskModel(
         gated_model,
         civs,
         classes,
@@ -303,3 +373,6 @@ def subtask(
         empty_gates=empty_gates,
         name=f"{model.name}_subtask",
     )
+    if calibrate is not None:
+        sub.calibrate(calibrate, calibration_samples)
+    return sub

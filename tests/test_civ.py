@@ -950,3 +950,45 @@ def test_mirrored_strategy_gives_the_same_civs(data, tmp_path):
         data["model"], (x, y), samples_per_class=3, batch_size=5, verbose=0
     )
     np.testing.assert_allclose(results["single_vectors"], here.vectors, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Class similarity: IoU of important-channel sets (paper formula 5).
+# ---------------------------------------------------------------------------
+
+
+def _hand_civs():
+    layout = [("g1", "conv1", 3), ("g2", "fc1", 3)]
+    vectors = [
+        [0.0, 0.5, 0.2, 0.0, 0.0, 1.0],  # a: {1, 2, 5}
+        [0.0, 0.4, 0.0, 0.0, 0.3, 1.0],  # b: {1, 4, 5}
+        [0.9, 0.0, 0.0, 0.7, 0.0, 0.0],  # c: {0, 3}
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # d: {}
+        [np.nan] * 6,  # e: missing
+    ]
+    return kd.CIVs(vectors, list("abcde"), [2, 2, 2, 2, 0], layout)
+
+
+def test_similarity_is_the_iou_of_nonzero_channels():
+    iou = _hand_civs().similarity()
+    assert iou.shape == (5, 5)
+    np.testing.assert_allclose(iou[:4, :4], [
+        [1.0, 2 / 4, 0.0, 0.0],
+        [2 / 4, 1.0, 0.0, 0.0],
+        [0.0, 0.0, 1.0, 0.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ])
+    assert np.isnan(iou[4]).all() and np.isnan(iou[:, 4]).all()
+
+
+def test_similarity_threshold_shrinks_the_sets():
+    iou = _hand_civs().similarity(threshold=0.35)  # a: {1, 5}, b: {1, 5}
+    assert iou[0, 1] == 1.0
+    assert iou[0, 2] == 0.0
+
+
+def test_plot_similarity_writes_a_png(tmp_path):
+    path = tmp_path / "similarity.png"
+    fig = _hand_civs().plot_similarity(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fig.axes[0].get_title().startswith("IoU of important channels")

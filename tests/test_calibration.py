@@ -1,0 +1,177 @@
+"""Tests for keras_drnet.calibration: mask-aware BatchNorm recalibration.
+
+After calibration, every BatchNormalization layer downstream of a closed
+gate must hold the mean and population variance of its input as the masked
+network computes it on the calibration images (checked against a feature
+model that reads the layer's input); layers upstream, and every layer of a
+model with all gates open, keep their statistics. The user's model is never
+written to.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import _subtask_models as sm
+import keras_drnet as kd
+from keras_drnet.calibration import affected_batchnorms
+
+NAMES = sm.NAMES
+
+
+def bn_chain(seed=0):
+    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> conv -> BN -> ReLU -> GAP -> head."""
+    keras.utils.set_random_seed(seed)
+    x = inp = keras.Input((12, 12, 3))
+    for i, filters in enumerate((6, 8, 10), start=1):
+        x = layers.Conv2D(filters, 3, padding="same", name=f"conv{i}")(x)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inp, layers.Dense(len(NAMES), name="head")(x))
+
+
+def bn_stats(model):
+    return {
+        layer.name: [w.copy() for w in layer.get_weights()]
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(0).uniform(0, 1, (40, 12, 12, 3)).astype(
+        "float32"
+    )
+
+
+@pytest.fixture
+def chain_sub():
+    model = bn_chain()
+    rng = np.random.default_rng(1)
+    civs = sm.hand_civs(model, rng)
+    return model, kd.subtask(model, civs, ["cat", "dog"], budget=0.5)
+
+
+def test_only_batchnorms_after_a_closed_gate_are_affected(chain_sub):
+    _, sub = chain_sub
+    names = [layer.name for layer in affected_batchnorms(sub.gated_model)]
+    assert names == ["bn2", "bn3"]  # bn1 reads the image: unaffected
+
+
+def test_calibrated_statistics_are_the_masked_input_moments(chain_sub, x):
+    model, sub = chain_sub
+    before = bn_stats(sub.gated_model)
+    original = bn_stats(model)
+    names = sub.calibrate(x)
+    assert names == ["bn2", "bn3"]
+    after = bn_stats(sub.gated_model)
+    for name in ("bn2", "bn3"):
+        bn = sub.gated_model.get_layer(name)
+        # The input of bn{i} as the calibrated, masked network computes it.
+        features = keras.Model(sub.gated_model.inputs[0], bn.input)
+        values = keras.ops.convert_to_numpy(features(x)).astype("float64")
+        np.testing.assert_allclose(
+            after[name][2], values.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            after[name][3], values.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-5
+        )
+        # gamma and beta are not touched.
+        np.testing.assert_array_equal(after[name][0], before[name][0])
+        np.testing.assert_array_equal(after[name][1], before[name][1])
+    for weights, expected in zip(after["bn1"], before["bn1"]):
+        np.testing.assert_array_equal(weights, expected)
+    # The user's model is not written to.
+    for name, weights in bn_stats(model).items():
+        for w, o in zip(weights, original[name]):
+            np.testing.assert_array_equal(w, o)
+
+
+def test_all_open_gates_leave_every_statistic_and_output_unchanged(x):
+    model = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=5
+    )
+    civs = sm.hand_civs(model, np.random.default_rng(0))
+    sub = kd.subtask(model, civs, ["cat", "dog"], threshold=0.0)
+    assert sub.cciv.mask.all()
+    images = np.random.default_rng(2).uniform(0, 1, (8, 32, 32, 3)).astype(
+        "float32"
+    )
+    before = bn_stats(sub.gated_model)
+    out = keras.ops.convert_to_numpy(sub(images))
+    assert sub.calibrate(images) == []
+    after = bn_stats(sub.gated_model)
+    for name, weights in before.items():
+        for w, b in zip(after[name], weights):
+            np.testing.assert_array_equal(w, b)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(sub(images)), out)
+
+
+def test_calibrated_mobilenet_compacts_to_equal_outputs():
+    model = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=5
+    )
+    civs = sm.hand_civs(model, np.random.default_rng(0))
+    images = np.random.default_rng(3).uniform(0, 1, (16, 32, 32, 3)).astype(
+        "float32"
+    )
+    sub = kd.subtask(model, civs, ["dog", "cat"], budget=0.6,
+                     calibrate=images)
+    assert sub.calibrated_for == [1, 0]
+    small = kd.compact(sub, include_softmax=False)
+    logits = keras.ops.convert_to_numpy(sub._logits_model(images))[:, [1, 0]]
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(small(images)), logits,
+        atol=1e-4 * max(1.0, np.abs(logits).max()),
+    )
+
+
+def test_labelled_data_calibrates_on_the_subtask_classes_only(x):
+    model = bn_chain()
+    civs = sm.hand_civs(model, np.random.default_rng(1))
+    labels = np.arange(len(x)) % len(NAMES)  # cat, dog, bird, ...
+    by_label = kd.subtask(model, civs, ["cat", "dog"], budget=0.5,
+                          calibrate=(x, labels))
+    wanted = np.isin(labels, [0, 1])
+    by_images = kd.subtask(model, civs, ["cat", "dog"], budget=0.5,
+                           calibrate=x[wanted])
+    for name, weights in bn_stats(by_label.gated_model).items():
+        for a, b in zip(weights, bn_stats(by_images.gated_model)[name]):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_calibration_round_trips_and_warns_on_set_classes(chain_sub, x,
+                                                          tmp_path):
+    _, sub = chain_sub
+    sub.calibrate(x)
+    path = tmp_path / "sub.keras"
+    sub.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.calibrated_for == [0, 1]
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(x)),
+        keras.ops.convert_to_numpy(sub(x)), atol=1e-6,
+    )
+    with pytest.warns(UserWarning, match=r"recalibrated for classes "
+                      r"\['cat', 'dog'\].*call `calibrate\(\)`"):
+        loaded.set_classes(["bird", "frog"])
+
+
+def test_calibrating_a_gated_model_never_writes_to_it(x):
+    gated = kd.inject_gates(bn_chain())
+    civs = sm.hand_civs(bn_chain(), np.random.default_rng(1))
+    original = bn_stats(gated)
+    sub = kd.subtask(gated, civs, ["cat", "dog"], budget=0.5, calibrate=x)
+    assert sub.gated_model is not gated
+    for name, weights in bn_stats(gated).items():
+        for w, o in zip(weights, original[name]):
+            np.testing.assert_array_equal(w, o)
+
+
+def test_empty_calibration_set_is_refused(chain_sub, x):
+    _, sub = chain_sub
+    with pytest.raises(ValueError, match="`images` is empty"):
+        sub.calibrate(x[:0])
