@@ -171,7 +171,7 @@ def trained(arch, width, epochs, seed=0, quick=False, cache_dir=CACHE):
     model.fit(batches.take(3) if quick else batches,
               epochs=1 if quick else epochs, verbose=0 if quick else 2)
     accuracy = model.evaluate(test, verbose=0)[1]
-    print(f"Trained {arch} width {width:g}: {epochs} epochs in "
+    print(f"Trained {arch} width {width:g}: {0 if quick else epochs} epochs in "
           f"{time.time() - start:.0f} s, test accuracy {accuracy:.2%}")
     if not quick:
         os.makedirs(cache_dir, exist_ok=True)

@@ -1,6 +1,7 @@
 """The sub-task report: accuracy and running channels, parameters, FLOPs."""
 
 import dataclasses
+import weakref
 
 import keras
 import numpy as np
@@ -97,6 +98,29 @@ class SubtaskReport:
         return fig
 
 
+# One traced function per sub-task, reused across calls and set_classes().
+_PREDICTIONS = weakref.WeakKeyDictionary()
+
+
+def _predictions(sub, dtype):
+    """`images -> (top-1 with all channels, top-1 of the sub-task)`."""
+    if sub not in _PREDICTIONS:
+        gates = sub._gates
+        ones = [ops.ones((1, gate.channels)) for gate in gates]
+
+        @tf.function
+        def predict(images):
+            images = ops.cast(images, dtype)
+            batch = ops.shape(images)[0]
+            tiled = [ops.tile(o, [batch, 1]) for o in ones]
+            with per_sample_gates(gates, tiled):
+                full = sub(images)
+            return ops.argmax(full, -1), ops.argmax(sub(images), -1)
+
+        _PREDICTIONS[sub] = predict
+    return _PREDICTIONS[sub]
+
+
 def evaluate_subtask(sub, ds, batch_size=256):
     """Evaluates a `SubtaskModel` on the test images of its classes.
 
@@ -135,17 +159,7 @@ def evaluate_subtask(sub, ds, batch_size=256):
     elements = elements.filter(
         lambda x, y: tf.reduce_any(tf.equal(tf.cast(y, tf.int64), live))
     )
-    gates = sub._gates
-    ones = [ops.ones((1, gate.channels)) for gate in gates]
-
-    @tf.function
-    def predict(images):
-        images = ops.cast(images, dtype)
-        batch = ops.shape(images)[0]
-        with per_sample_gates(gates, [ops.tile(o, [batch, 1]) for o in ones]):
-            full = sub(images)
-        return ops.argmax(full, -1), ops.argmax(sub(images), -1)
-
+    predict = _predictions(sub, dtype)
     full_correct = sub_correct = count = 0
     for images, labels in elements.batch(batch_size):
         full, reduced = predict(images)

@@ -45,3 +45,57 @@ def test_quickstart_quick_mode_writes_the_plot_and_the_savedmodel(tmp_path):
         "cat",
         "dog",
     ]
+
+
+def _run_example(script, *flags):
+    result = subprocess.run(
+        [sys.executable, f"examples/{script}", "--quick", *flags],
+        cwd=ROOT,
+        env=sm.env_with_tfds(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _is_png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_paper_mnist_quick_mode_draws_the_similarity_heat_maps(tmp_path):
+    out = _run_example("paper_mnist.py", f"--output_dir={tmp_path}")
+    assert "'1' stands apart" in out
+    for policy in ("reset", "keep_best"):
+        assert _is_png(tmp_path / f"mnist_similarity_{policy}.png")
+    text = (tmp_path / "mnist_similarity.md").read_text()
+    assert "Paper's close pairs" in text and "2~5" in text
+
+
+@pytest.mark.slow
+def test_paper_cifar_quick_mode_writes_tables_and_plots(tmp_path):
+    _run_example("paper_cifar.py", f"--output_dir={tmp_path}")
+    tag = "vgg16_w0.5_quick"
+    text = (tmp_path / f"{tag}.md").read_text()
+    for heading in ("The paper's sub-tasks", "two-class sub-tasks",
+                    "Threshold sweep"):
+        assert heading in text
+    assert "| airplane-truck |" in text and "| dog-horse-truck |" in text
+    assert _is_png(tmp_path / f"{tag}_plane_truck_layers.png")
+    assert _is_png(tmp_path / f"{tag}_tradeoff.png")
+    rows = (tmp_path / f"{tag}_pairs.csv").read_text().splitlines()
+    assert rows[0].startswith("classes,full_net_acc,sub_net_acc")
+    assert len(rows) == 3  # header + the 2 pairs of quick mode
+
+
+@pytest.mark.slow
+def test_recipe_study_quick_mode_writes_the_frontier(tmp_path):
+    _run_example("recipe_study.py", f"--output_dir={tmp_path}",
+                 "--recipes=keep_best + BN", "--finetune_budget=0.11")
+    tag = "vgg16_w0.5_quick"
+    text = (tmp_path / f"{tag}_recipes.md").read_text()
+    assert "| keep_best + BN | 0.05 |" in text
+    assert "| keep_best + BN + 1 epoch fine-tune | 0.11 |" in text
+    assert _is_png(tmp_path / f"{tag}_recipes.png")

@@ -1,0 +1,315 @@
+"""Which recipe makes sub-task networks small *and* accurate (issue 7)?
+
+For a trained CIFAR-10 model (the cache of `paper_cifar.py`), dissects with
+several fitting recipes and, over all 45 two-class sub-tasks, sweeps the
+channel budget to draw running parameters vs accuracy drop (full-net
+accuracy with the masked softmax minus sub-net accuracy), one curve per
+recipe. Levers, alone and combined:
+
+- the top-1 policy (`on_top1_change`: the paper's reset, exclude,
+  keep_best);
+- the fitting schedule (gamma, iterations);
+- mask-aware BatchNorm recalibration (`calibrate=`, 256 training images of
+  the sub-task's classes);
+- a soft CCIV (kept channels scaled by their union CIV instead of 1);
+- one epoch of fine-tuning of the compacted model (at one budget).
+
+    python examples/recipe_study.py --arch=vgg16 --width=0.5 --epochs=15
+    python examples/recipe_study.py --quick     # seconds, for the tests
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import csv  # noqa: E402
+import itertools  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+import cifar_models  # noqa: E402
+import keras_drnet as kd  # noqa: E402
+from keras_drnet.channel_flow import running_costs  # noqa: E402
+
+# name: (fitting settings, calibrate, soft)
+RECIPES = {
+    "paper (reset)": ({"on_top1_change": "reset"}, False, False),
+    "exclude": ({"on_top1_change": "exclude"}, False, False),
+    "keep_best": ({"on_top1_change": "keep_best"}, False, False),
+    "keep_best, gamma 0.1": (
+        {"on_top1_change": "keep_best", "gamma": 0.1}, False, False),
+    "keep_best, T 60": (
+        {"on_top1_change": "keep_best", "iterations": 60}, False, False),
+    "keep_best + BN": ({"on_top1_change": "keep_best"}, True, False),
+    "keep_best + soft": ({"on_top1_change": "keep_best"}, False, True),
+    "keep_best + BN + soft": ({"on_top1_change": "keep_best"}, True, True),
+    "reset + BN": ({"on_top1_change": "reset"}, True, False),
+}
+
+_ARCH = flags.DEFINE_enum("arch", "vgg16", ["vgg16", "resnet18",
+                                            "mobilenetv2"], "The network.")
+_WIDTH = flags.DEFINE_float("width", 0.5, "Width multiplier.")
+_EPOCHS = flags.DEFINE_integer("epochs", 15, "Training epochs (cache key).")
+_SAMPLES = flags.DEFINE_integer("samples_per_class", 100,
+                                "Images per class for the CIVs.")
+_RECIPES = flags.DEFINE_list("recipes", list(RECIPES), "Recipes to compare.")
+_BUDGETS = flags.DEFINE_list(
+    "budgets", ["0.05", "0.08", "0.11", "0.15", "0.2", "0.3", "0.5"],
+    "Fractions of channels kept.")
+_TEST = flags.DEFINE_integer("test_per_class", 1000,
+                             "Test images per class (CIFAR-10 has 1000).")
+_FINETUNE = flags.DEFINE_float(
+    "finetune_budget", 0.11,
+    "Budget at which the best recipe's compact models are fine-tuned one "
+    "epoch (0: skip).")
+_QUICK = flags.DEFINE_boolean("quick", False, "Tiny run to check it works.")
+_OUTPUT = flags.DEFINE_string("output_dir", "examples/results",
+                              "Where the table and plot go.")
+
+
+def per_class(ds, count, num_classes=10):
+    """The first `count` images of each class: `{class: images}`."""
+    chosen = {c: [] for c in range(num_classes)}
+    for image, label in ds.as_numpy_iterator():
+        if len(chosen[int(label)]) < count:
+            chosen[int(label)].append(image)
+        if all(len(v) >= count for v in chosen.values()):
+            break
+    return {c: np.stack(v) for c, v in chosen.items()}
+
+
+def bn_weights(model):
+    return [(layer, layer.get_weights()) for layer in model._flatten_layers()
+            if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def pair_accuracy(logits_fn, test, pair):
+    """Accuracy on the pair's test images, predicting among its classes."""
+    correct = total = 0
+    for position, c in enumerate(pair):
+        logits = np.asarray(logits_fn(test[c]))[:, list(pair)]
+        correct += int((logits.argmax(-1) == position).sum())
+        total += len(logits)
+    return correct / total
+
+
+class PairEvaluator:
+    """Accuracy and running parameters of a sub-task, pair after pair."""
+
+    def __init__(self, model, civs, test, train):
+        self.test, self.train = test, train
+        self.sub = kd.subtask(model, civs, [0, 1], budget=1.0)
+        self.bn = bn_weights(self.sub.gated_model)
+        self.logits = tf.function(
+            lambda x: self.sub._logits_model(x, training=False))
+
+    def accuracy(self, pair):
+        return pair_accuracy(self.logits, self.test, pair)
+
+    def set(self, pair, budget, calibrate, soft):
+        for layer, weights in self.bn:
+            layer.set_weights(weights)
+        self.sub.calibrated_for = None
+        self.sub.set_classes(list(pair), budget=budget)
+        if soft:
+            scores = self.sub.cciv.scores
+            start = 0
+            for gate, mask in zip(self.sub._gates,
+                                  self.sub.cciv.per_gate().values()):
+                stop = start + gate.channels
+                gate.set_gate(mask * scores[start:stop])
+                start = stop
+        if calibrate:
+            self.sub.calibrate(np.concatenate([self.train[c] for c in pair]))
+
+    def running_params(self, pair):
+        mask = np.zeros(self.sub.civs.num_classes, bool)
+        mask[list(pair)] = True
+        costs = running_costs(self.sub._logits_model, mask)
+        return (sum(c.running_params for c in costs)
+                / sum(c.params for c in costs))
+
+
+def finetune(sub, pair, train, epochs=1):
+    """One epoch of the compact model on the sub-task's training images."""
+    small = kd.compact(sub, include_softmax=False)
+    x = np.concatenate([train[c] for c in pair])
+    y = np.concatenate([np.full(len(train[c]), i) for i, c in enumerate(pair)])
+    small.compile(keras.optimizers.SGD(0.01, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    small.fit(x, y, batch_size=128, epochs=epochs, shuffle=True, verbose=0)
+    return small
+
+
+def plot(frontiers, path, title, paper_point=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in frontiers.items():
+        ax.plot([p["running_params"] * 100 for p in points],
+                [p["drop"] * 100 for p in points], "o-", ms=3, label=name)
+    if paper_point is not None:
+        ax.plot([paper_point["running_params"] * 100],
+                [paper_point["drop"] * 100], "k*", ms=10,
+                label="paper recipe at union_thr 6e-3")
+    ax.axvline(11, color="grey", lw=0.5, ls="--")
+    ax.axhline(0.5, color="grey", lw=0.5, ls="--")
+    ax.set_xlabel("running parameters, mean over pairs (%)")
+    ax.set_ylabel("accuracy drop, mean over pairs (pp)")
+    ax.set_ylim(bottom=-1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(_):
+    logging.set_verbosity(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*reset to all-ones gates")
+    quick = _QUICK.value
+    arch, width = _ARCH.value, _WIDTH.value
+    model, accuracy, names = cifar_models.trained(
+        arch, width, _EPOCHS.value, quick=quick)
+    tag = f"{arch}_w{width:g}" + ("_quick" if quick else "")
+    train_ds, _ = cifar_models.cifar10("train")
+    test_ds, _ = cifar_models.cifar10("test")
+    test = per_class(test_ds, 8 if quick else _TEST.value)
+    calibration = per_class(train_ds.skip(10_000), 8 if quick else 128)
+    pairs = list(itertools.combinations(range(10), 2))[: 2 if quick else None]
+    budgets = [float(b) for b in _BUDGETS.value][: 2 if quick else None]
+    samples = 2 if quick else _SAMPLES.value
+
+    base_logits = tf.function(lambda x: model(x, training=False))
+    full = {pair: pair_accuracy(base_logits, test, pair) for pair in pairs}
+    civs_cache = {}
+    frontiers, rows, evaluators = {}, [], {}
+    for name in _RECIPES.value:
+        fitting, calibrate, soft = RECIPES[name]
+        key = tuple(sorted(fitting.items()))
+        if key not in civs_cache:
+            path = os.path.join(cifar_models.CACHE, f"{arch}_w{width:g}_e"
+                                f"{_EPOCHS.value}_civs{samples}_" + "_".join(
+                                    f"{k}{v}" for k, v in key) + ".npz")
+            start = time.time()
+            if os.path.exists(path) and not quick:
+                civs = kd.CIVs.load(path)
+            else:
+                civs = kd.dissect(model, train_ds, samples_per_class=samples,
+                                  class_names=names, verbose=0, **fitting)
+                if not quick:
+                    civs.save(path)
+            print(f"{name}: {civs} ({time.time() - start:.0f} s)")
+            civs_cache[key] = civs
+            evaluators[key] = PairEvaluator(model, civs, test, calibration)
+        evaluator = evaluators[key]
+        points = []
+        for budget in budgets:
+            start = time.time()
+            drops, params = [], []
+            for pair in pairs:
+                evaluator.set(pair, budget, calibrate, soft)
+                drops.append(full[pair] - evaluator.accuracy(pair))
+                params.append(evaluator.running_params(pair))
+            point = {"recipe": name, "budget": budget,
+                     "running_params": float(np.mean(params)),
+                     "drop": float(np.mean(drops)),
+                     "max_drop": float(np.max(drops))}
+            points.append(point)
+            rows.append(point)
+            print(f"  budget {budget:g}: params {point['running_params']:.1%}"
+                  f", drop {point['drop'] * 100:.2f} pp (max "
+                  f"{point['max_drop'] * 100:.1f}) [{time.time() - start:.0f}"
+                  " s]")
+        frontiers[name] = points
+
+    # The paper's own setting: reset, union_thr 6e-3.
+    paper_point = None
+    key = (("on_top1_change", "reset"),)
+    if key in evaluators:
+        evaluator = evaluators[key]
+        drops, params = [], []
+        for pair in pairs:
+            evaluator.sub.set_classes(list(pair), threshold=6e-3)
+            drops.append(full[pair] - evaluator.accuracy(pair))
+            params.append(evaluator.running_params(pair))
+        paper_point = {"recipe": "paper (reset), union_thr 6e-3",
+                       "budget": float("nan"),
+                       "running_params": float(np.mean(params)),
+                       "drop": float(np.mean(drops)),
+                       "max_drop": float(np.max(drops))}
+        rows.append(paper_point)
+
+    # One epoch of fine-tuning of the compact model, at one budget.
+    finetuned = None
+    best = "keep_best + BN"
+    if _FINETUNE.value and best in _RECIPES.value:
+        fitting, calibrate, soft = RECIPES[best]
+        evaluator = evaluators[tuple(sorted(fitting.items()))]
+        start = time.time()
+        train = per_class(train_ds, 16 if quick else 5000)
+        drops, params = [], []
+        for pair in pairs:
+            evaluator.set(pair, _FINETUNE.value, calibrate, soft)
+            small = finetune(evaluator.sub, pair, train)
+            logits = tf.function(lambda x, m=small: m(x, training=False))
+            # The compact model's outputs are the pair's classes, in order.
+            correct = total = 0
+            for position, c in enumerate(pair):
+                predicted = np.asarray(logits(test[c])).argmax(-1)
+                correct += int((predicted == position).sum())
+                total += len(predicted)
+            drops.append(full[pair] - correct / total)
+            params.append(evaluator.running_params(pair))
+        finetuned = {"recipe": f"{best} + 1 epoch fine-tune",
+                     "budget": _FINETUNE.value,
+                     "running_params": float(np.mean(params)),
+                     "drop": float(np.mean(drops)),
+                     "max_drop": float(np.max(drops))}
+        rows.append(finetuned)
+        print(f"{finetuned} [{time.time() - start:.0f} s]")
+
+    os.makedirs(_OUTPUT.value, exist_ok=True)
+    with open(os.path.join(_OUTPUT.value, f"{tag}_recipes.csv"), "w",
+              newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if finetuned is not None:
+        frontiers[finetuned["recipe"]] = [finetuned]
+    plot(frontiers, os.path.join(_OUTPUT.value, f"{tag}_recipes.png"),
+         f"{arch} width {width:g} (test acc {accuracy:.1%}): "
+         f"{len(pairs)} two-class sub-tasks", paper_point)
+    lines = [
+        f"# Recipe study: {arch} width {width:g}\n",
+        f"Model test accuracy {accuracy:.2%}; CIVs from {samples} training "
+        f"images per class; {len(pairs)} two-class sub-tasks, "
+        f"{_TEST.value if not quick else 8} test images per class; drop = "
+        "full-net accuracy (masked softmax) - sub-net accuracy, in pp.\n",
+        "| recipe | budget | running params (mean) | drop (mean, pp) | drop "
+        "(max, pp) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['recipe']} | {row['budget']:g} | "
+            f"{row['running_params']:.1%} | {row['drop'] * 100:.2f} | "
+            f"{row['max_drop'] * 100:.1f} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(_OUTPUT.value, f"{tag}_recipes.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)
