@@ -10,8 +10,6 @@ import os
 import time
 
 import keras
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "keras_drnet")
 
@@ -120,10 +118,16 @@ ARCHITECTURES = {
     "resnet18": resnet18_cifar,
     "mobilenetv2": mobilenetv2_cifar,
 }
+# The widths our results use: close to the paper's, small enough for a
+# 2-core CPU to dissect and evaluate in minutes.
+DEFAULT_WIDTHS = {"vgg16": 0.5, "resnet18": 0.5, "mobilenetv2": 1.0}
 
 
 def cifar10(split):
     """CIFAR-10 as (image in [0, 1], label) pairs, and the class names."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
     ds, info = tfds.load("cifar10", split=split, as_supervised=True,
                          with_info=True)
     ds = ds.map(lambda x, y: (tf.cast(x, "float32") / 255.0, y))
@@ -131,9 +135,34 @@ def cifar10(split):
 
 
 def _augment(image, label):
+    import tensorflow as tf
+
     image = tf.image.random_flip_left_right(image)
     image = tf.image.pad_to_bounding_box(image, 4, 4, 40, 40)
     return tf.image.random_crop(image, (32, 32, 3)), label
+
+
+def compile_for_training(model, steps):
+    """SGD (Nesterov, weight decay 5e-4), 5% warm-up then cosine to 0."""
+    warmup = steps // 20
+    model.compile(
+        keras.optimizers.SGD(
+            keras.optimizers.schedules.CosineDecay(
+                0.0, steps - warmup, warmup_target=0.1, warmup_steps=warmup
+            ),
+            momentum=0.9, nesterov=True, weight_decay=5e-4,
+        ),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def test_accuracy(model, batches):
+    correct = total = 0
+    for x, y in batches.as_numpy_iterator():
+        correct += int((model.predict(x, verbose=0).argmax(-1) == y).sum())
+        total += len(y)
+    return correct / total
 
 
 def trained(arch, width, epochs, seed=0, quick=False, cache_dir=CACHE):
@@ -143,37 +172,48 @@ def trained(arch, width, epochs, seed=0, quick=False, cache_dir=CACHE):
     mode trains 3 batches and caches nothing. Returns (model, test
     accuracy, class names).
     """
+    import tensorflow as tf
+
     path = os.path.join(cache_dir, f"{arch}_w{width:g}_e{epochs}_s{seed}.keras")
     train, names = cifar10("train")
     test, _ = cifar10("test[:256]" if quick else "test")
     test = test.batch(500)
     if os.path.exists(path) and not quick:
-        model = keras.models.load_model(path)
-        return model, model.evaluate(test, verbose=0)[1], names
+        model = keras.models.load_model(path, compile=False)
+        return model, test_accuracy(model, test), names
     keras.utils.set_random_seed(seed)
     model = ARCHITECTURES[arch](width)
     batches = (train.cache().shuffle(50_000, seed=seed)
                .map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
                .batch(128).prefetch(tf.data.AUTOTUNE))
-    steps = 3 if quick else 391 * epochs
-    model.compile(
-        keras.optimizers.SGD(
-            keras.optimizers.schedules.CosineDecay(
-                0.0, steps - steps // 20, warmup_target=0.1,
-                warmup_steps=steps // 20,
-            ),
-            momentum=0.9, nesterov=True, weight_decay=5e-4,
-        ),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    compile_for_training(model, 3 if quick else 391 * epochs)
     start = time.time()
     model.fit(batches.take(3) if quick else batches,
               epochs=1 if quick else epochs, verbose=0 if quick else 2)
-    accuracy = model.evaluate(test, verbose=0)[1]
+    accuracy = test_accuracy(model, test)
     print(f"Trained {arch} width {width:g}: {0 if quick else epochs} epochs in "
           f"{time.time() - start:.0f} s, test accuracy {accuracy:.2%}")
     if not quick:
         os.makedirs(cache_dir, exist_ok=True)
         model.save(path)
     return model, accuracy, names
+
+
+def dissected(model, name, samples, quick=False, cache_dir=CACHE, **fitting):
+    """`kd.dissect` of CIFAR-10's first `samples` training images per class,
+    cached as `{cache_dir}/{name}_civs{samples}_{fitting}.npz`."""
+    import keras_drnet as kd
+
+    key = "_".join(f"{k}{v}" for k, v in sorted(fitting.items()))
+    path = os.path.join(cache_dir, f"{name}_civs{samples}_{key}.npz")
+    if os.path.exists(path) and not quick:
+        return kd.CIVs.load(path)
+    train, names = cifar10("train")
+    start = time.time()
+    civs = kd.dissect(model, train, samples_per_class=samples,
+                      class_names=names, verbose=0, **fitting)
+    print(f"Dissected {name} ({fitting}) in {time.time() - start:.0f} s")
+    if not quick:
+        os.makedirs(cache_dir, exist_ok=True)
+        civs.save(path)
+    return civs

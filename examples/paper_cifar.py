@@ -48,8 +48,10 @@ PAPER_SUBTASKS = [
 
 _ARCH = flags.DEFINE_enum("arch", "vgg16", list(PAPER_THRESHOLDS),
                           "The network.")
-_WIDTH = flags.DEFINE_float("width", 0.5, "Width multiplier (paper: 1).")
-_EPOCHS = flags.DEFINE_integer("epochs", 15, "Training epochs.")
+_WIDTH = flags.DEFINE_float(
+    "width", None, "Width multiplier (paper: 1); default: "
+    "cifar_models.DEFAULT_WIDTHS[arch].")
+_EPOCHS = flags.DEFINE_integer("epochs", 30, "Training epochs.")
 _SEED = flags.DEFINE_integer("seed", 0, "Training seed.")
 _SAMPLES = flags.DEFINE_integer(
     "samples_per_class", 100, "Images per class for the CIVs (paper: 100)."
@@ -145,7 +147,8 @@ def plot_tradeoff(points, path, title):
 def main(_):
     logging.set_verbosity(logging.WARNING)
     quick = _QUICK.value
-    arch, width = _ARCH.value, _WIDTH.value
+    arch = _ARCH.value
+    width = _WIDTH.value or cifar_models.DEFAULT_WIDTHS[arch]
     threshold = _THRESHOLD.value or PAPER_THRESHOLDS[arch]
     model, accuracy, names = cifar_models.trained(
         arch, width, _EPOCHS.value, _SEED.value, quick=quick
@@ -157,22 +160,10 @@ def main(_):
         *test.batch(1000).as_numpy_iterator()))
 
     samples = 3 if quick else _SAMPLES.value
-    civs_path = os.path.join(
-        cifar_models.CACHE,
-        f"{arch}_w{width:g}_e{_EPOCHS.value}_s{_SEED.value}_civs"
-        f"{samples}_{_ON_TOP1.value}.npz",
-    )
-    start = time.time()
-    if os.path.exists(civs_path) and not quick:
-        civs = kd.CIVs.load(civs_path)
-    else:
-        civs = kd.dissect(model, train, samples_per_class=samples,
-                          class_names=names, on_top1_change=_ON_TOP1.value,
-                          verbose=0 if quick else 1)
-        if not quick:
-            civs.save(civs_path)
+    civs = cifar_models.dissected(
+        model, f"{arch}_w{width:g}_e{_EPOCHS.value}_s{_SEED.value}", samples,
+        quick=quick, on_top1_change=_ON_TOP1.value)
     print(civs)
-    print(f"Dissection: {time.time() - start:.0f} s")
 
     # The paper's reset rule opens every channel of a class with a reset
     # image once union_thr < resets / images; the CIVs above list the

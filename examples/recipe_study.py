@@ -55,8 +55,10 @@ RECIPES = {
 
 _ARCH = flags.DEFINE_enum("arch", "vgg16", ["vgg16", "resnet18",
                                             "mobilenetv2"], "The network.")
-_WIDTH = flags.DEFINE_float("width", 0.5, "Width multiplier.")
-_EPOCHS = flags.DEFINE_integer("epochs", 15, "Training epochs (cache key).")
+_WIDTH = flags.DEFINE_float(
+    "width", None, "Width multiplier; default: "
+    "cifar_models.DEFAULT_WIDTHS[arch].")
+_EPOCHS = flags.DEFINE_integer("epochs", 30, "Training epochs.")
 _SAMPLES = flags.DEFINE_integer("samples_per_class", 100,
                                 "Images per class for the CIVs.")
 _RECIPES = flags.DEFINE_list("recipes", list(RECIPES), "Recipes to compare.")
@@ -178,7 +180,8 @@ def main(_):
     logging.set_verbosity(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*reset to all-ones gates")
     quick = _QUICK.value
-    arch, width = _ARCH.value, _WIDTH.value
+    arch = _ARCH.value
+    width = _WIDTH.value or cifar_models.DEFAULT_WIDTHS[arch]
     model, accuracy, names = cifar_models.trained(
         arch, width, _EPOCHS.value, quick=quick)
     tag = f"{arch}_w{width:g}" + ("_quick" if quick else "")
@@ -198,18 +201,10 @@ def main(_):
         fitting, calibrate, soft = RECIPES[name]
         key = tuple(sorted(fitting.items()))
         if key not in civs_cache:
-            path = os.path.join(cifar_models.CACHE, f"{arch}_w{width:g}_e"
-                                f"{_EPOCHS.value}_civs{samples}_" + "_".join(
-                                    f"{k}{v}" for k, v in key) + ".npz")
-            start = time.time()
-            if os.path.exists(path) and not quick:
-                civs = kd.CIVs.load(path)
-            else:
-                civs = kd.dissect(model, train_ds, samples_per_class=samples,
-                                  class_names=names, verbose=0, **fitting)
-                if not quick:
-                    civs.save(path)
-            print(f"{name}: {civs} ({time.time() - start:.0f} s)")
+            civs = cifar_models.dissected(
+                model, f"{arch}_w{width:g}_e{_EPOCHS.value}_s0", samples,
+                quick=quick, **fitting)
+            print(f"{name}: {civs}")
             civs_cache[key] = civs
             evaluators[key] = PairEvaluator(model, civs, test, calibration)
         evaluator = evaluators[key]
