@@ -37,7 +37,7 @@ import keras_drnet as kd  # noqa: E402
 
 # The paper's thresholds (sec. 4.2-4.4) and sub-tasks (Tables 1-3).
 PAPER_THRESHOLDS = {"vgg16": 6e-3, "resnet18": 2e-3, "mobilenetv2": 8e-4}
-PAPER_SUBTASKS = [
+_VGG_RESNET_SUBTASKS = [
     ["airplane", "truck"],
     ["automobile", "deer"],
     ["cat", "dog"],
@@ -45,6 +45,15 @@ PAPER_SUBTASKS = [
     ["automobile", "deer", "frog"],
     ["dog", "horse", "truck"],
 ]
+PAPER_SUBTASKS = {
+    "vgg16": _VGG_RESNET_SUBTASKS,
+    "resnet18": _VGG_RESNET_SUBTASKS,
+    "mobilenetv2": _VGG_RESNET_SUBTASKS[:3] + [
+        ["airplane", "cat", "bird"],
+        ["bird", "cat", "deer"],
+        ["deer", "dog", "frog"],
+    ],
+}
 
 _ARCH = flags.DEFINE_enum("arch", "vgg16", list(PAPER_THRESHOLDS),
                           "The network.")
@@ -169,7 +178,8 @@ def main(_):
     # image once union_thr < resets / images; the CIVs above list the
     # resets, so the warning would only repeat itself here.
     warnings.filterwarnings("ignore", message=".*reset to all-ones gates")
-    sub = kd.subtask(model, civs, PAPER_SUBTASKS[0], threshold=threshold)
+    subtasks = PAPER_SUBTASKS[arch]
+    sub = kd.subtask(model, civs, subtasks[0], threshold=threshold)
     x1 = test[0][:1]
     base_latency = batch1_latency(model, x1, 5 if quick else 30)
     pairs = [list(p) for p in itertools.combinations(names, 2)]
@@ -178,7 +188,7 @@ def main(_):
     columns = ["full_net_acc", "sub_net_acc", "running_channels",
                "running_params", "compact_latency"]
     paper_rows, pair_rows = [], []
-    for classes in PAPER_SUBTASKS:
+    for classes in subtasks:
         row, report = measure(sub, classes, test, threshold, base_latency,
                               x1)
         paper_rows.append(row)
@@ -193,7 +203,7 @@ def main(_):
     sweep = []
     for value in [float(v) for v in _SWEEP.value[: 2 if quick else None]]:
         rows = [measure(sub, classes, test, value, None, x1)[0]
-                for classes in PAPER_SUBTASKS[: 1 if quick else None]]
+                for classes in subtasks[: 1 if quick else None]]
         sweep.append({"threshold": value,
                       **summary(rows, columns[:4] + ["running_flops"])[0]})
     plot_tradeoff(sweep, os.path.join(_OUTPUT.value, f"{tag}_tradeoff.png"),

@@ -169,10 +169,17 @@ class CIVs:
                 f"Received: {cls!r} of type {type(cls).__name__}"
             )
         if self.counts[index] == 0:
+            excluded = self.top1_changed[index]
             raise ValueError(
-                f"Class '{self.class_names[index]}' has no CIV: no image of "
-                "it was seen during dissection. Dissect a dataset that "
-                "contains it."
+                f"Class '{self.class_names[index]}' has no CIV: "
+                + (
+                    f"on_top1_change='exclude' left out all {excluded} of its "
+                    "images (their fitted gates changed the top-1). Dissect "
+                    "with on_top1_change='keep_best'."
+                    if excluded
+                    else "no image of it was seen during dissection. Dissect "
+                    "a dataset that contains it."
+                )
             )
         return index
 

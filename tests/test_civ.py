@@ -992,3 +992,13 @@ def test_plot_similarity_writes_a_png(tmp_path):
     fig = _hand_civs().plot_similarity(path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert fig.axes[0].get_title().startswith("IoU of important channels")
+
+
+def test_class_left_out_by_exclude_names_the_policy():
+    layout = [("g1", "conv1", 2)]
+    civs = kd.CIVs([[0.5, 0.0], [np.nan, np.nan]], ["cat", "dog"], [4, 0],
+                   layout, config={"on_top1_change": "exclude"},
+                   top1_changed=[0, 3])
+    with pytest.raises(ValueError, match="'dog' has no CIV: on_top1_change="
+                       "'exclude' left out all 3 of its images.*keep_best"):
+        civs.index("dog")
