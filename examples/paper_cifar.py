@@ -75,7 +75,8 @@ _ON_TOP1 = flags.DEFINE_string(
 )
 _SWEEP = flags.DEFINE_list(
     "sweep", ["1e-3", "3e-3", "6e-3", "1e-2", "2e-2", "4e-2", "8e-2", "0.15"],
-    "Thresholds for the accuracy vs running-parameters trade-off.",
+    "Thresholds for the accuracy vs running-parameters trade-off (empty: "
+    "skip it).",
 )
 _QUICK = flags.DEFINE_boolean("quick", False, "Tiny run to check it works.")
 _OUTPUT = flags.DEFINE_string("output_dir", "examples/results",
@@ -201,13 +202,15 @@ def main(_):
                                  x1)[0])
 
     sweep = []
-    for value in [float(v) for v in _SWEEP.value[: 2 if quick else None]]:
+    for value in [float(v) for v in _SWEEP.value[: 2 if quick else None] if v]:
         rows = [measure(sub, classes, test, value, None, x1)[0]
                 for classes in subtasks[: 1 if quick else None]]
         sweep.append({"threshold": value,
                       **summary(rows, columns[:4] + ["running_flops"])[0]})
-    plot_tradeoff(sweep, os.path.join(_OUTPUT.value, f"{tag}_tradeoff.png"),
-                  f"{arch} width {width:g}, six sub-tasks (mean)")
+    if sweep:
+        plot_tradeoff(sweep, os.path.join(_OUTPUT.value,
+                                          f"{tag}_tradeoff.png"),
+                      f"{arch} width {width:g}, six sub-tasks (mean)")
 
     with open(os.path.join(_OUTPUT.value, f"{tag}_pairs.csv"), "w",
               newline="") as f:
