@@ -65,12 +65,15 @@ _SAMPLES = flags.DEFINE_integer("samples_per_class", 100,
                                 "Images per class for the CIVs.")
 _RECIPES = flags.DEFINE_list("recipes", list(RECIPES), "Recipes to compare.")
 _BUDGETS = flags.DEFINE_list(
-    "budgets", ["0.05", "0.08", "0.11", "0.15", "0.2", "0.3", "0.5"],
+    "budgets", ["0.15", "0.2", "0.25", "0.33", "0.4", "0.5"],
     "Fractions of channels kept.")
+_SCOPE = flags.DEFINE_enum(
+    "budget_scope", "gate", ["gate", "model"],
+    "The budget applies to every gate's channels or to all of them.")
 _TEST = flags.DEFINE_integer("test_per_class", 1000,
                              "Test images per class (CIFAR-10 has 1000).")
 _FINETUNE = flags.DEFINE_float(
-    "finetune_budget", 0.11,
+    "finetune_budget", 0.33,
     "Budget at which the best recipe's compact models are fine-tuned one "
     "epoch (0: skip).")
 _QUICK = flags.DEFINE_boolean("quick", False, "Tiny run to check it works.")
@@ -122,7 +125,8 @@ class PairEvaluator:
         for layer, weights in self.bn:
             layer.set_weights(weights)
         self.sub.calibrated_for = None
-        self.sub.set_classes(list(pair), budget=budget)
+        self.sub.set_classes(list(pair), budget=budget,
+                             budget_scope=_SCOPE.value)
         if soft:
             scores = self.sub.cciv.scores
             start = 0
@@ -290,7 +294,7 @@ def main(_):
         # Figure 7 for plane-truck under the best recipe.
         fitting, calibrate, soft = RECIPES[best]
         evaluator = evaluators[tuple(sorted(fitting.items()))]
-        evaluator.set((0, 9), _FINETUNE.value or 0.11, calibrate, soft)
+        evaluator.set((0, 9), _FINETUNE.value or 0.33, calibrate, soft)
         x = np.concatenate([test[0], test[9]])
         y = np.repeat([0, 9], [len(test[0]), len(test[9])])
         report = kd.evaluate_subtask(evaluator.sub, (x, y))

@@ -9,6 +9,7 @@ from keras_drnet.civ import CIVs
 
 _METHODS = ("union", "xor")
 _EMPTY_GATES = ("keep_best", "allow")
+_BUDGET_SCOPES = ("model", "gate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,7 @@ def combine(
     threshold=None,
     budget=None,
     empty_gates="keep_best",
+    budget_scope="model",
 ):
     """Combines the CIVs of `classes` into a CCIV.
 
@@ -90,7 +92,11 @@ def combine(
 
     Instead of a threshold, `budget` keeps that fraction of all gated
     channels: the `round(budget * total)` highest scores (ties broken by
-    channel order), which is the threshold that meets the budget.
+    channel order), which is the threshold that meets the budget. With
+    `budget_scope="gate"`, every gate keeps that fraction of its own
+    channels instead (at least one): scores are only compared within a
+    layer, so layers whose importances are low overall (often the last
+    ones) are not starved by the others.
 
     A gate whose channels would all be switched off makes every layer after
     it see a constant, so by default (`empty_gates="keep_best"`) such a gate
@@ -105,6 +111,8 @@ def combine(
         threshold: float, the paper's `union_thr` / `xor_thr`.
         budget: float in (0, 1], fraction of channels to keep.
         empty_gates: `"keep_best"` or `"allow"`.
+        budget_scope: `"model"` (one ranking over all channels) or
+            `"gate"` (the fraction of every gate's channels).
 
     Returns:
         `CCIV`.
@@ -137,6 +145,11 @@ def combine(
             "6e-3) or `budget` (fraction of channels to keep, e.g. 0.3). "
             f"Received: threshold={threshold!r}, budget={budget!r}"
         )
+    if budget_scope not in _BUDGET_SCOPES:
+        raise ValueError(
+            f"`budget_scope` must be one of {list(_BUDGET_SCOPES)}. "
+            f"Received: budget_scope={budget_scope!r}"
+        )
     if budget is not None and not 0 < budget <= 1:
         raise ValueError(
             "`budget` is the fraction of channels to keep, in (0, 1]. "
@@ -155,22 +168,26 @@ def combine(
             )
         scores = np.abs(vectors[0] - vectors[1])
     if budget is not None:
-        keep = max(1, int(round(budget * scores.size)))
-        order = np.argsort(-scores, kind="stable")
         mask = np.zeros(scores.size, "float32")
-        mask[order[:keep]] = 1.0
-        threshold = float(scores[order[keep - 1]])
+        spans = (
+            _gate_spans(civs.layout)
+            if budget_scope == "gate"
+            else [(0, scores.size)]
+        )
+        for start, stop in spans:
+            part = scores[start:stop]
+            keep = max(1, int(round(budget * part.size)))
+            order = np.argsort(-part, kind="stable")
+            mask[start + order[:keep]] = 1.0
+        threshold = float(scores[mask > 0].min())
     else:
         mask = (scores >= threshold).astype("float32")
         if method == "union":
             _warn_if_resets_open_everything(civs, indices, threshold)
     if empty_gates == "keep_best":
-        start = 0
-        for entry in civs.layout:
-            stop = start + entry.channels
+        for start, stop in _gate_spans(civs.layout):
             if not mask[start:stop].any():
                 mask[start + int(np.argmax(scores[start:stop]))] = 1.0
-            start = stop
     return CCIV(
         mask=mask,
         layout=tuple(civs.layout),
@@ -199,3 +216,8 @@ def _warn_if_resets_open_everything(civs, indices, threshold):
                 "`budget`.",
                 stacklevel=3,
             )
+
+
+def _gate_spans(layout):
+    stops = np.cumsum([entry.channels for entry in layout])
+    return list(zip(stops - [entry.channels for entry in layout], stops))

@@ -40,6 +40,7 @@ class SubtaskModel(keras.Model):
         threshold: float or `None`; see `keras_drnet.combine()`.
         budget: float or `None`; see `keras_drnet.combine()`.
         empty_gates: `"keep_best"` or `"allow"`; see `keras_drnet.combine()`.
+        budget_scope: `"model"` or `"gate"`; see `keras_drnet.combine()`.
         calibrated_for: class indices the BatchNorm statistics were
             recalibrated for (see `calibrate()`), or `None`.
         **kwargs: Base model keyword arguments, such as `name`.
@@ -66,6 +67,7 @@ class SubtaskModel(keras.Model):
         threshold=None,
         budget=None,
         empty_gates="keep_best",
+        budget_scope="model",
         calibrated_for=None,
         **kwargs,
     ):
@@ -79,6 +81,7 @@ class SubtaskModel(keras.Model):
         self.threshold = threshold
         self.budget = budget
         self.empty_gates = empty_gates
+        self.budget_scope = budget_scope
         self.calibrated_for = calibrated_for
         self._logits_model, self.ends_in_softmax = split_softmax(gated_model)
         self._gates = [spec.layer for spec in list_gates(gated_model)]
@@ -96,7 +99,9 @@ class SubtaskModel(keras.Model):
             name="class_mask",
         )
         self.cciv = None
-        self.set_classes(classes, method, threshold, budget, empty_gates)
+        self.set_classes(
+            classes, method, threshold, budget, empty_gates, budget_scope
+        )
         self.build(gated_model.inputs[0].shape)
 
     def build(self, input_shape):
@@ -120,6 +125,7 @@ class SubtaskModel(keras.Model):
         threshold=None,
         budget=None,
         empty_gates=None,
+        budget_scope=None,
     ):
         """Switches to another sub-task by rewriting the masks in place.
 
@@ -130,8 +136,15 @@ class SubtaskModel(keras.Model):
             threshold, budget = self.threshold, self.budget
         method = method or self.method
         empty_gates = empty_gates or self.empty_gates
+        budget_scope = budget_scope or self.budget_scope
         cciv = combine(
-            self.civs, classes, method, threshold, budget, empty_gates
+            self.civs,
+            classes,
+            method,
+            threshold,
+            budget,
+            empty_gates,
+            budget_scope,
         )
         if self.calibrated_for is not None and list(cciv.classes) != list(
             self.calibrated_for
@@ -154,6 +167,7 @@ class SubtaskModel(keras.Model):
         self.threshold = threshold
         self.budget = budget
         self.empty_gates = empty_gates
+        self.budget_scope = budget_scope
 
     def masked_softmax(self, logits):
         """Softmax over the live classes; exactly 0 elsewhere."""
@@ -243,6 +257,7 @@ class SubtaskModel(keras.Model):
                 "threshold": self.threshold,
                 "budget": self.budget,
                 "empty_gates": self.empty_gates,
+                "budget_scope": self.budget_scope,
                 "calibrated_for": self.calibrated_for,
             }
         )
@@ -305,6 +320,7 @@ def subtask(
     threshold=None,
     budget=None,
     empty_gates="keep_best",
+    budget_scope="model",
     calibrate=None,
     calibration_samples=512,
 ):
@@ -314,8 +330,9 @@ def subtask(
         model: the classifier `civs` were dissected from.
         civs: `keras_drnet.CIVs` from `keras_drnet.dissect(model, ...)`.
         classes: list of class names or indices, e.g. `["cat", "dog"]`.
-        method, threshold, budget, empty_gates: how CIVs are combined; see
-            `keras_drnet.combine()`. Exactly one of `threshold`/`budget`.
+        method, threshold, budget, empty_gates, budget_scope: how CIVs are
+            combined; see `keras_drnet.combine()`. Exactly one of
+            `threshold`/`budget`.
         calibrate: `None`, or images to recalibrate the BatchNorm
             statistics of the masked network on (`(image, label)` pairs of
             which the sub-task's classes are used, or images alone); see
@@ -371,6 +388,7 @@ def subtask(
         threshold=threshold,
         budget=budget,
         empty_gates=empty_gates,
+        budget_scope=budget_scope,
         name=f"{model.name}_subtask",
     )
     if calibrate is not None:

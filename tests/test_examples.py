@@ -86,6 +86,6 @@ def test_recipe_study_quick_mode_writes_the_frontier(tmp_path):
                  "--recipes=keep_best + BN", "--finetune_budget=0.11")
     tag = "vgg16_w0.5_quick"
     text = (tmp_path / f"{tag}_recipes.md").read_text()
-    assert "| keep_best + BN | 0.05 |" in text
+    assert "| keep_best + BN | 0.15 |" in text
     assert "| keep_best + BN + 1 epoch fine-tune | 0.11 |" in text
     assert _is_png(tmp_path / f"{tag}_recipes.png")

@@ -382,3 +382,37 @@ def test_no_reset_warning_when_resets_do_not_decide(policy, classes, threshold):
         warnings.simplefilter("error")
         kd.combine(_civs_with_resets(policy), classes, threshold=threshold)
         kd.combine(_civs_with_resets(policy), classes, budget=0.5)
+
+
+# ---------------------------------------------------------------------------
+# budget_scope="gate": every gate keeps the fraction of its own channels.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.5, 0.75, 1.0])
+def test_gate_budget_keeps_that_fraction_of_every_gate(budget):
+    civs = make_civs()
+    cciv = kd.combine(civs, ["cat", "dog"], budget=budget,
+                      budget_scope="gate")
+    scores = civs.vectors[:2].max(axis=0)
+    for span, size in zip(gate_slices(), SIZES):
+        keep = max(1, int(round(budget * size)))
+        expected = np.zeros(size, "float32")
+        expected[np.argsort(-scores[span], kind="stable")[:keep]] = 1.0
+        np.testing.assert_array_equal(cciv.mask[span], expected)
+
+
+def test_gate_budget_does_not_starve_a_gate_with_low_scores():
+    vectors = np.zeros((len(NAMES), TOTAL))
+    vectors[:, :7] = 0.9  # conv1, conv2 high
+    vectors[:, 7:] = np.linspace(0.01, 0.05, 5)  # fc1 low
+    civs = make_civs(vectors)
+    model_scope = kd.combine(civs, ["cat"], budget=0.5)
+    gate_scope = kd.combine(civs, ["cat"], budget=0.5, budget_scope="gate")
+    assert model_scope.mask[7:].sum() == 1  # only the empty-gate rescue
+    np.testing.assert_array_equal(gate_scope.mask[7:], [0, 0, 0, 1, 1])
+
+
+def test_unknown_budget_scope_is_refused():
+    with pytest.raises(ValueError, match="budget_scope.*Received.*'layer'"):
+        kd.combine(make_civs(), ["cat"], budget=0.5, budget_scope="layer")

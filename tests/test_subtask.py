@@ -452,3 +452,24 @@ def test_subtask_refuses_a_non_model():
     civs = sm.hand_civs(sm.chain_cnn(), np.random.default_rng(0))
     with pytest.raises(TypeError, match="Expected a `keras.Model`"):
         kd.subtask("model.keras", civs, ["cat"], threshold=0.5)
+
+
+def test_gate_budget_scope_survives_set_classes_and_saving(models, tmp_path):
+    model = models["chain_softmax"]
+    civs = sm.hand_civs(model, np.random.default_rng(3))
+    sub = kd.subtask(model, civs, ["cat", "dog"], budget=0.5,
+                     budget_scope="gate")
+    expected = kd.combine(civs, ["cat", "dog"], budget=0.5,
+                          budget_scope="gate")
+    np.testing.assert_array_equal(sub.cciv.mask, expected.mask)
+    sub.set_classes(["bird", "frog"])  # keeps budget and scope
+    np.testing.assert_array_equal(
+        sub.cciv.mask,
+        kd.combine(civs, ["bird", "frog"], budget=0.5,
+                   budget_scope="gate").mask,
+    )
+    path = str(tmp_path / "sub.keras")
+    sub.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.budget_scope == "gate"
+    np.testing.assert_array_equal(loaded.cciv.mask, sub.cciv.mask)
