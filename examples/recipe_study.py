@@ -43,11 +43,11 @@ RECIPES = {
     "paper (reset)": ({"on_top1_change": "reset"}, False, False),
     "exclude": ({"on_top1_change": "exclude"}, False, False),
     "keep_best": ({"on_top1_change": "keep_best"}, False, False),
-    "keep_best, gamma 0.1": (
+    "keep_best gamma 0.1": (
         {"on_top1_change": "keep_best", "gamma": 0.1}, False, False),
-    "keep_best, gamma 0.01": (
+    "keep_best gamma 0.01": (
         {"on_top1_change": "keep_best", "gamma": 0.01}, False, False),
-    "keep_best, T 60": (
+    "keep_best T 60": (
         {"on_top1_change": "keep_best", "iterations": 60}, False, False),
     "keep_best + BN": ({"on_top1_change": "keep_best"}, True, False),
     "keep_best + soft": ({"on_top1_change": "keep_best"}, False, True),
