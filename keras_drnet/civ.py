@@ -427,7 +427,7 @@ def dissect(
     momentum=0.9,
     gamma=0.05,
     clip=(0.0, 10.0),
-    on_top1_change="reset",
+    on_top1_change="keep_best",
     select="all",
     checkpoint_dir=None,
     strategy=None,
@@ -455,8 +455,9 @@ def dissect(
             hyperparameters, defaults from the paper (sec. 4.1); see
             `GateFitter`.
         on_top1_change: for an image whose top-1 the fitted gates change:
-            `"reset"` its gates to 1 (paper), `"exclude"` it from its class
-            average, or `"keep_best"` (its last gates that kept the top-1).
+            `"keep_best"` (default: its last gates that kept the top-1),
+            `"reset"` its gates to 1 (the paper), or `"exclude"` it from its
+            class average.
             `CIVs.top1_changed` counts these images per class.
         select: which ReLUs get gates; see `inject_gates()`.
         checkpoint_dir: str or `None`. If set, progress is saved there after
