@@ -121,10 +121,13 @@ class PairEvaluator:
     def accuracy(self, pair):
         return pair_accuracy(self.logits, self.test, pair)
 
-    def set(self, pair, budget, calibrate, soft):
+    def restore_batchnorm(self):
         for layer, weights in self.bn:
             layer.set_weights(weights)
         self.sub.calibrated_for = None
+
+    def set(self, pair, budget, calibrate, soft):
+        self.restore_batchnorm()
         self.sub.set_classes(list(pair), budget=budget,
                              budget_scope=_SCOPE.value)
         if soft:
@@ -248,6 +251,7 @@ def main(_):
     key = (("on_top1_change", "reset"),)
     if key in evaluators:
         evaluator = evaluators[key]
+        evaluator.restore_batchnorm()  # a "+ BN" recipe may share it
         drops, params = [], []
         for pair in pairs:
             evaluator.sub.set_classes(list(pair), threshold=6e-3)
