@@ -20,10 +20,9 @@ def affected_batchnorms(gated_model):
     affected, layers = set(), {}
     for flat in nodes:
         op = flat.op
-        if isinstance(op, ChannelGate):
-            closed = np.any(keras.ops.convert_to_numpy(op.gate) != 1.0)
-        else:
-            closed = False
+        closed = isinstance(op, ChannelGate) and bool(
+            np.any(ops.convert_to_numpy(op.gate) != 1.0)
+        )
         if closed or any(key in affected for key in flat.inputs):
             affected.update(flat.outputs)
             if isinstance(op, keras.layers.BatchNormalization):
@@ -72,8 +71,8 @@ def calibrate_batchnorm(gated_model, images, max_images=1024):
     def recording_call(layer, original):
         def call(inputs, training=None, mask=None):
             x = ops.cast(inputs, "float32")
-            axes = [a for a in range(len(x.shape)) if a != layer.axis % len(
-                x.shape)]
+            channel_axis = layer.axis % len(x.shape)
+            axes = [a for a in range(len(x.shape)) if a != channel_axis]
             layer.moving_mean.assign(ops.mean(x, axis=axes))
             layer.moving_variance.assign(ops.var(x, axis=axes))
             return original(inputs, training=False, mask=mask)
