@@ -10,7 +10,6 @@ from keras import ops
 
 from keras_drnet.channel_flow import running_costs
 from keras_drnet.channel_gate import per_sample_gates
-from keras_drnet.civ import labelled_elements
 from keras_drnet.gate_fitting import model_input_shape
 
 
@@ -152,13 +151,8 @@ def evaluate_subtask(sub, ds, batch_size=256):
     report.plot("cat_dog_layers.png")
     ```
     """
-    input_shape, dtype = model_input_shape(sub.gated_model)
-    num_classes = sub.civs.num_classes
-    elements = labelled_elements(ds, input_shape, num_classes)
-    live = tf.constant(list(sub.cciv.classes), tf.int64)
-    elements = elements.filter(
-        lambda x, y: tf.reduce_any(tf.equal(tf.cast(y, tf.int64), live))
-    )
+    _, dtype = model_input_shape(sub.gated_model)
+    elements = sub.live_elements(ds)
     predict = _predictions(sub, dtype)
     full_correct = sub_correct = count = 0
     for images, labels in elements.batch(batch_size):

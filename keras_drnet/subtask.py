@@ -196,23 +196,23 @@ class SubtaskModel(keras.Model):
         Returns:
             The names of the recalibrated layers.
         """
-        input_shape, _ = model_input_shape(self.gated_model)
         paired = isinstance(ds, tuple) or (
             isinstance(ds, tf.data.Dataset)
             and isinstance(ds.element_spec, tuple)
         )
         if paired:
-            live = tf.constant(list(self.cciv.classes), tf.int64)
-            ds = (
-                labelled_elements(ds, input_shape, self.civs.num_classes)
-                .filter(lambda x, y: tf.reduce_any(
-                    tf.equal(tf.cast(y, tf.int64), live)))
-                .map(lambda x, y: x)
-                .take(samples)
-            )
+            ds = self.live_elements(ds).map(lambda x, y: x).take(samples)
         names = calibrate_batchnorm(self.gated_model, ds, max_images=samples)
         self.calibrated_for = list(self.cciv.classes)
         return names
+
+    def live_elements(self, ds):
+        """The unbatched `(image, label)` elements of the sub-task's classes."""
+        input_shape, _ = model_input_shape(self.gated_model)
+        live = tf.constant(list(self.cciv.classes), tf.int64)
+        return labelled_elements(ds, input_shape, self.civs.num_classes).filter(
+            lambda x, y: tf.reduce_any(tf.equal(tf.cast(y, tf.int64), live))
+        )
 
     def predict_class_names(self, images, batch_size=None, verbose=0):
         """The predicted class name of every image."""
