@@ -6,6 +6,7 @@ from keras_drnet.channel_gate import ChannelGate
 from keras_drnet.civ import CIVs
 from keras_drnet.civ import dissect
 from keras_drnet.compaction import compact
+from keras_drnet.finetuning import finetune
 from keras_drnet.gate_fitting import GateFitter
 from keras_drnet.gate_fitting import cdrp
 from keras_drnet.model_surgery import inject_gates

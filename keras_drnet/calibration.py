@@ -57,10 +57,21 @@ def calibrate_batchnorm(gated_model, images, max_images=1024):
     keras_drnet.calibrate_batchnorm(sub.gated_model, cat_dog_images)
     ```
     """
-    layers = affected_batchnorms(gated_model)
+    return record_statistics(
+        gated_model, affected_batchnorms(gated_model), images, max_images
+    )
+
+
+def record_statistics(model, layers, images, max_images):
+    """Sets the moving mean and variance of `layers` to those on `images`.
+
+    The images run as one inference batch; each layer records its input's
+    moments, then normalizes with them, so later layers see the earlier
+    ones already recalibrated. Returns the names of the layers.
+    """
     if not layers:
         return []
-    input_shape, dtype = model_input_shape(gated_model)
+    input_shape, dtype = model_input_shape(model)
     batch = next(image_batches(images, max_images, input_shape, dtype), None)
     if batch is None or len(batch) == 0:
         raise ValueError(
@@ -83,7 +94,7 @@ def calibrate_batchnorm(gated_model, images, max_images=1024):
         for layer in layers:
             # An instance attribute shadows the class's `call` for this run.
             object.__setattr__(layer, "call", recording_call(layer, layer.call))
-        gated_model(batch, training=False)
+        model(batch, training=False)
     finally:
         for layer in layers:
             object.__delattr__(layer, "call")

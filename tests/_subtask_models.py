@@ -74,6 +74,30 @@ def bn_relu_cnn(head="softmax", seed=0):
     return model
 
 
+def bn_chain(seed=0):
+    """(conv -> BN -> ReLU) x 3 -> GAP -> head; input (12, 12, 3).
+
+    Gates: relu1 (6), relu2 (8), relu3 (10); bn2 and bn3 follow a gate.
+    """
+    keras.utils.set_random_seed(seed)
+    x = inp = keras.Input((12, 12, 3))
+    for i, filters in enumerate((6, 8, 10), start=1):
+        x = layers.Conv2D(filters, 3, padding="same", name=f"conv{i}")(x)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inp, layers.Dense(len(NAMES), name="head")(x))
+
+
+def bn_stats(model):
+    """Copies of every BatchNormalization layer's weights, by layer name."""
+    return {
+        layer.name: [w.copy() for w in layer.get_weights()]
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
+
+
 def hand_civs(model, rng, names=NAMES, counts=None, vectors=None):
     """CIVs made by hand for `model`: uniform [0, 1) vectors by default."""
     layout = gate_layout(kd.inject_gates(model))

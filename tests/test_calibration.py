@@ -11,33 +11,12 @@ written to.
 import keras
 import numpy as np
 import pytest
-from keras import layers
 
 import _subtask_models as sm
 import keras_drnet as kd
 from keras_drnet.calibration import affected_batchnorms
 
 NAMES = sm.NAMES
-
-
-def bn_chain(seed=0):
-    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> conv -> BN -> ReLU -> GAP -> head."""
-    keras.utils.set_random_seed(seed)
-    x = inp = keras.Input((12, 12, 3))
-    for i, filters in enumerate((6, 8, 10), start=1):
-        x = layers.Conv2D(filters, 3, padding="same", name=f"conv{i}")(x)
-        x = layers.BatchNormalization(name=f"bn{i}")(x)
-        x = layers.ReLU(name=f"relu{i}")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    return keras.Model(inp, layers.Dense(len(NAMES), name="head")(x))
-
-
-def bn_stats(model):
-    return {
-        layer.name: [w.copy() for w in layer.get_weights()]
-        for layer in model._flatten_layers()
-        if isinstance(layer, keras.layers.BatchNormalization)
-    }
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +28,7 @@ def x():
 
 @pytest.fixture
 def chain_sub():
-    model = bn_chain()
+    model = sm.bn_chain()
     rng = np.random.default_rng(1)
     civs = sm.hand_civs(model, rng)
     return model, kd.subtask(model, civs, ["cat", "dog"], budget=0.5)
@@ -63,11 +42,11 @@ def test_only_batchnorms_after_a_closed_gate_are_affected(chain_sub):
 
 def test_calibrated_statistics_are_the_masked_input_moments(chain_sub, x):
     model, sub = chain_sub
-    before = bn_stats(sub.gated_model)
-    original = bn_stats(model)
+    before = sm.bn_stats(sub.gated_model)
+    original = sm.bn_stats(model)
     names = sub.calibrate(x)
     assert names == ["bn2", "bn3"]
-    after = bn_stats(sub.gated_model)
+    after = sm.bn_stats(sub.gated_model)
     for name in ("bn2", "bn3"):
         bn = sub.gated_model.get_layer(name)
         # The input of bn{i} as the calibrated, masked network computes it.
@@ -85,7 +64,7 @@ def test_calibrated_statistics_are_the_masked_input_moments(chain_sub, x):
     for weights, expected in zip(after["bn1"], before["bn1"]):
         np.testing.assert_array_equal(weights, expected)
     # The user's model is not written to.
-    for name, weights in bn_stats(model).items():
+    for name, weights in sm.bn_stats(model).items():
         for w, o in zip(weights, original[name]):
             np.testing.assert_array_equal(w, o)
 
@@ -100,10 +79,10 @@ def test_all_open_gates_leave_every_statistic_and_output_unchanged(x):
     images = np.random.default_rng(2).uniform(0, 1, (8, 32, 32, 3)).astype(
         "float32"
     )
-    before = bn_stats(sub.gated_model)
+    before = sm.bn_stats(sub.gated_model)
     out = keras.ops.convert_to_numpy(sub(images))
     assert sub.calibrate(images) == []
-    after = bn_stats(sub.gated_model)
+    after = sm.bn_stats(sub.gated_model)
     for name, weights in before.items():
         for w, b in zip(after[name], weights):
             np.testing.assert_array_equal(w, b)
@@ -130,7 +109,7 @@ def test_calibrated_mobilenet_compacts_to_equal_outputs():
 
 
 def test_labelled_data_calibrates_on_the_subtask_classes_only(x):
-    model = bn_chain()
+    model = sm.bn_chain()
     civs = sm.hand_civs(model, np.random.default_rng(1))
     labels = np.arange(len(x)) % len(NAMES)  # cat, dog, bird, ...
     by_label = kd.subtask(model, civs, ["cat", "dog"], budget=0.5,
@@ -138,8 +117,8 @@ def test_labelled_data_calibrates_on_the_subtask_classes_only(x):
     wanted = np.isin(labels, [0, 1])
     by_images = kd.subtask(model, civs, ["cat", "dog"], budget=0.5,
                            calibrate=x[wanted])
-    for name, weights in bn_stats(by_label.gated_model).items():
-        for a, b in zip(weights, bn_stats(by_images.gated_model)[name]):
+    for name, weights in sm.bn_stats(by_label.gated_model).items():
+        for a, b in zip(weights, sm.bn_stats(by_images.gated_model)[name]):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -161,12 +140,12 @@ def test_calibration_round_trips_and_warns_on_set_classes(chain_sub, x,
 
 
 def test_calibrating_a_gated_model_never_writes_to_it(x):
-    gated = kd.inject_gates(bn_chain())
-    civs = sm.hand_civs(bn_chain(), np.random.default_rng(1))
-    original = bn_stats(gated)
+    gated = kd.inject_gates(sm.bn_chain())
+    civs = sm.hand_civs(sm.bn_chain(), np.random.default_rng(1))
+    original = sm.bn_stats(gated)
     sub = kd.subtask(gated, civs, ["cat", "dog"], budget=0.5, calibrate=x)
     assert sub.gated_model is not gated
-    for name, weights in bn_stats(gated).items():
+    for name, weights in sm.bn_stats(gated).items():
         for w, o in zip(weights, original[name]):
             np.testing.assert_array_equal(w, o)
 
