@@ -12,7 +12,7 @@ recipe. Levers, alone and combined:
 - mask-aware BatchNorm recalibration (`calibrate=`, 256 training images of
   the sub-task's classes);
 - a soft CCIV (kept channels scaled by their union CIV instead of 1);
-- one epoch of fine-tuning of the compacted model (at one budget).
+- a short fine-tune of the compacted model (`kd.finetune`, at some budgets).
 
     python examples/recipe_study.py --arch=vgg16 --width=0.5 --epochs=15
     python examples/recipe_study.py --quick     # seconds, for the tests
@@ -72,13 +72,17 @@ _SCOPE = flags.DEFINE_enum(
     "The budget applies to every gate's channels or to all of them.")
 _TEST = flags.DEFINE_integer("test_per_class", 1000,
                              "Test images per class (CIFAR-10 has 1000).")
-_FINETUNE = flags.DEFINE_float(
-    "finetune_budget", 0.33,
-    "Budget at which the best recipe's compact models are fine-tuned one "
-    "epoch (0: skip).")
+_FINETUNE = flags.DEFINE_list(
+    "finetune_budgets", ["0.33"],
+    "Budgets at which the best recipe's compact models are fine-tuned "
+    "(`kd.finetune`; empty: skip).")
+_FINETUNE_EPOCHS = flags.DEFINE_integer("finetune_epochs", 1,
+                                        "Epochs of each fine-tune.")
 _QUICK = flags.DEFINE_boolean("quick", False, "Tiny run to check it works.")
 _OUTPUT = flags.DEFINE_string("output_dir", "examples/results",
                               "Where the table and plot go.")
+_NAME = flags.DEFINE_string(
+    "name", None, "Output file name stem; default {arch}_w{width}_recipes.")
 
 
 def per_class(ds, count, num_classes=10):
@@ -149,17 +153,6 @@ class PairEvaluator:
                 / sum(c.params for c in costs))
 
 
-def finetune(sub, pair, train, epochs=1):
-    """One epoch of the compact model on the sub-task's training images."""
-    small = kd.compact(sub, include_softmax=False)
-    x = np.concatenate([train[c] for c in pair])
-    y = np.concatenate([np.full(len(train[c]), i) for i, c in enumerate(pair)])
-    small.compile(keras.optimizers.SGD(0.01, momentum=0.9),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    small.fit(x, y, batch_size=128, epochs=epochs, shuffle=True, verbose=0)
-    return small
-
-
 def plot(frontiers, path, title, paper_point=None):
     import matplotlib
 
@@ -195,6 +188,7 @@ def main(_):
     model, accuracy, names = cifar_models.trained(
         arch, width, _EPOCHS.value, quick=quick)
     tag = f"{arch}_w{width:g}" + ("_quick" if quick else "")
+    stem = _NAME.value or f"{tag}_recipes"
     train_ds, _ = cifar_models.cifar10("train")
     test_ds, _ = cifar_models.cifar10("test")
     test = per_class(test_ds, 8 if quick else _TEST.value)
@@ -264,55 +258,66 @@ def main(_):
                        "max_drop": float(np.max(drops))}
         rows.append(paper_point)
 
-    # One epoch of fine-tuning of the compact model, at one budget.
-    finetuned = None
+    # A short fine-tune of the compact model (`kd.finetune`).
+    finetuned = []
     best = "keep_best + BN"
     if _FINETUNE.value and best in _RECIPES.value:
         fitting, calibrate, soft = RECIPES[best]
         evaluator = evaluators[tuple(sorted(fitting.items()))]
-        start = time.time()
         train = per_class(train_ds, 16 if quick else 5000)
-        drops, params = [], []
-        for pair in pairs:
-            evaluator.set(pair, _FINETUNE.value, calibrate, soft)
-            small = finetune(evaluator.sub, pair, train)
-            logits = tf.function(lambda x, m=small: m(x, training=False))
-            # The compact model's outputs are the pair's classes, in order.
-            correct = total = 0
-            for position, c in enumerate(pair):
-                predicted = np.asarray(logits(test[c])).argmax(-1)
-                correct += int((predicted == position).sum())
-                total += len(predicted)
-            drops.append(full[pair] - correct / total)
-            params.append(evaluator.running_params(pair))
-        finetuned = {"recipe": f"{best} + 1 epoch fine-tune",
-                     "budget": _FINETUNE.value, "pairs": len(pairs),
+        epochs = _FINETUNE_EPOCHS.value
+        name = f"{best} + {epochs} epoch fine-tune"
+        rng = np.random.default_rng(0)
+        points = []
+        for budget in [float(b) for b in _FINETUNE.value]:
+            start = time.time()
+            drops, params = [], []
+            for pair in pairs:
+                evaluator.set(pair, budget, calibrate, soft)
+                x = np.concatenate([train[c] for c in pair])
+                y = np.concatenate([np.full(len(train[c]), c) for c in pair])
+                order = rng.permutation(len(x))
+                small = kd.finetune(evaluator.sub, (x[order], y[order]),
+                                    epochs=epochs, verbose=0)
+                columns = small.get_layer("class_probabilities").class_names
+                logits = tf.function(lambda x, m=small: m(x, training=False))
+                correct = total = 0
+                for c in pair:
+                    predicted = np.asarray(logits(test[c])).argmax(-1)
+                    column = columns.index(names[c])
+                    correct += int((predicted == column).sum())
+                    total += len(predicted)
+                drops.append(full[pair] - correct / total)
+                params.append(evaluator.running_params(pair))
+            point = {"recipe": name, "budget": budget, "pairs": len(pairs),
                      "running_params": float(np.mean(params)),
                      "drop": float(np.mean(drops)),
                      "max_drop": float(np.max(drops))}
-        rows.append(finetuned)
-        print(f"{finetuned} [{time.time() - start:.0f} s]")
+            points.append(point)
+            rows.append(point)
+            print(f"{point} [{time.time() - start:.0f} s]")
+        finetuned = points
 
     os.makedirs(_OUTPUT.value, exist_ok=True)
     if best in _RECIPES.value:
         # Figure 7 for plane-truck under the best recipe.
         fitting, calibrate, soft = RECIPES[best]
         evaluator = evaluators[tuple(sorted(fitting.items()))]
-        evaluator.set((0, 9), _FINETUNE.value or 0.33, calibrate, soft)
+        evaluator.set((0, 9), 0.33, calibrate, soft)
         x = np.concatenate([test[0], test[9]])
         y = np.repeat([0, 9], [len(test[0]), len(test[9])])
         report = kd.evaluate_subtask(evaluator.sub, (x, y))
         report.plot(os.path.join(_OUTPUT.value,
                                  f"{tag}_plane_truck_layers_recipe.png"))
         print(report)
-    with open(os.path.join(_OUTPUT.value, f"{tag}_recipes.csv"), "w",
+    with open(os.path.join(_OUTPUT.value, f"{stem}.csv"), "w",
               newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    if finetuned is not None:
-        frontiers[finetuned["recipe"]] = [finetuned]
-    plot(frontiers, os.path.join(_OUTPUT.value, f"{tag}_recipes.png"),
+    if finetuned:
+        frontiers[finetuned[0]["recipe"]] = finetuned
+    plot(frontiers, os.path.join(_OUTPUT.value, f"{stem}.png"),
          f"{arch} width {width:g} (test acc {accuracy:.1%}): "
          f"{len(pairs)} two-class sub-tasks", paper_point)
     lines = [
@@ -331,7 +336,7 @@ def main(_):
             f"{row['running_params']:.1%} | {row['drop'] * 100:.2f} | "
             f"{row['max_drop'] * 100:.1f} |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(_OUTPUT.value, f"{tag}_recipes.md"), "w") as f:
+    with open(os.path.join(_OUTPUT.value, f"{stem}.md"), "w") as f:
         f.write(text)
     print(text)
 

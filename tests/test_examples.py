@@ -83,7 +83,7 @@ def test_paper_cifar_quick_mode_writes_tables_and_plots(tmp_path):
 @pytest.mark.slow
 def test_recipe_study_quick_mode_writes_the_frontier(tmp_path):
     _run_example("recipe_study.py", f"--output_dir={tmp_path}",
-                 "--recipes=keep_best + BN", "--finetune_budget=0.11")
+                 "--recipes=keep_best + BN", "--finetune_budgets=0.11")
     tag = "vgg16_w0.5_quick"
     text = (tmp_path / f"{tag}_recipes.md").read_text()
     assert "| keep_best + BN | 0.15 |" in text
