@@ -164,6 +164,8 @@ def main(_):
         arch, width, _EPOCHS.value, _SEED.value, quick=quick
     )
     tag = f"{arch}_w{width:g}" + ("_quick" if quick else "")
+    if _ON_TOP1.value != "reset":
+        tag += f"_{_ON_TOP1.value}"
     train, _ = cifar_models.cifar10("train")
     test, _ = cifar_models.cifar10("test[:500]" if quick else "test")
     test = tuple(np.concatenate(part) for part in zip(
@@ -230,11 +232,14 @@ def main(_):
         table(paper_rows, ["classes", *columns, "last_two_gates"]),
         f"\n## All {len(pair_rows)} two-class sub-tasks\n",
         table(summary(pair_rows, columns), ["classes", *columns]),
-        "\n## Threshold sweep (six sub-tasks, mean)\n",
-        table([{**p, "threshold": f"{p['threshold']:g}"} for p in sweep],
-              ["threshold", *columns[:4], "running_flops"]),
-        "",
     ]
+    if sweep:
+        text += [
+            "\n## Threshold sweep (six sub-tasks, mean)\n",
+            table([{**p, "threshold": f"{p['threshold']:g}"} for p in sweep],
+                  ["threshold", *columns[:4], "running_flops"]),
+        ]
+    text.append("")
     path = os.path.join(_OUTPUT.value, f"{tag}.md")
     with open(path, "w") as f:
         f.write("\n".join(text))
