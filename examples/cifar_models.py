@@ -6,6 +6,7 @@ VGG16 with BatchNormalization as used for CIFAR (13 convs, then one Dense:
 trains one on CIFAR-10 (tfds) or loads it from the cache.
 """
 
+import hashlib
 import os
 import time
 
@@ -204,7 +205,11 @@ def dissected(model, name, samples, quick=False, cache_dir=CACHE, **fitting):
     cached as `{cache_dir}/{name}_civs{samples}_{fitting}.npz`."""
     import keras_drnet as kd
 
-    key = "_".join(f"{k}{v}" for k, v in sorted(fitting.items()))
+    key = "_".join(
+        f"{k}{v}" if isinstance(v, (int, float, str))
+        # e.g. one gamma per gate: a short digest names it.
+        else f"{k}{hashlib.sha256(repr(v).encode()).hexdigest()[:10]}"
+        for k, v in sorted(fitting.items()))
     path = os.path.join(cache_dir, f"{name}_civs{samples}_{key}.npz")
     if os.path.exists(path) and not quick:
         return kd.CIVs.load(path)

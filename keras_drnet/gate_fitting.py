@@ -49,7 +49,9 @@ class GateFitter(keras.Model):
         iterations: int. SGD iterations per image (paper: T = 30).
         learning_rate: float. SGD learning rate (paper: 0.1).
         momentum: float. SGD momentum (paper: 0.9).
-        gamma: float. Weight of the L1 term (paper: 0.05).
+        gamma: float, weight of the L1 term (paper: 0.05), or one float
+            per gate (in `list_gates()` order), e.g. scaled by the layers'
+            widths.
         clip: `(min, max)` gate range enforced after each step (paper: [0, 10]).
         on_top1_change: `"keep_best"` (default), `"reset"` (paper) or
             `"exclude"`.
@@ -85,7 +87,11 @@ class GateFitter(keras.Model):
         self.iterations = int(iterations)
         self.learning_rate = float(learning_rate)
         self.momentum = float(momentum)
-        self.gamma = float(gamma)
+        self.gamma = (
+            float(gamma)
+            if isinstance(gamma, numbers.Real)
+            else [float(g) for g in gamma]
+        )
         self.clip = (float(clip[0]), float(clip[1]))
         self.on_top1_change = on_top1_change
         self._logits_model, _ = split_softmax(gated_model)
@@ -96,6 +102,15 @@ class GateFitter(keras.Model):
                 "model returned by `keras_drnet.inject_gates(model)`."
             )
         self._sizes = [gate.channels for gate in self._gates]
+        if isinstance(self.gamma, list):
+            if len(self.gamma) != len(self._gates):
+                raise ValueError(
+                    "`gamma` must be a number or one number per gate "
+                    f"({len(self._gates)} gates). Received: gamma={gamma!r}"
+                )
+            self._l1_weights = np.repeat(self.gamma, self._sizes).astype(
+                "float32"
+            )
 
     @property
     def total_channels(self):
@@ -128,7 +143,11 @@ class GateFitter(keras.Model):
             log_q = ops.log_softmax(logits)
             target = state["target"]
             kl = ops.sum(ops.exp(target) * (target - log_q), axis=-1)
-            loss = kl + self.gamma * ops.sum(ops.abs(gates), axis=-1)
+            if isinstance(self.gamma, list):
+                l1 = ops.sum(self._l1_weights * ops.abs(gates), axis=-1)
+            else:
+                l1 = self.gamma * ops.sum(ops.abs(gates), axis=-1)
+            loss = kl + l1
             total = ops.sum(loss)
         grads = tape.gradient(total, gates)
         # Same update as keras.optimizers.SGD(momentum=...), and as torch's
@@ -228,15 +247,21 @@ def _check_hyperparameters(iterations, learning_rate, momentum, gamma, clip):
             f"`iterations` must be a positive int. Received: "
             f"iterations={iterations!r}"
         )
+    gammas = (
+        [gamma]
+        if isinstance(gamma, (numbers.Real, str))
+        else list(np.ravel(np.asarray(gamma, dtype=object)))
+    )
     for name, value in [
         ("learning_rate", learning_rate),
         ("momentum", momentum),
-        ("gamma", gamma),
+        *[("gamma", g) for g in gammas],
     ]:
         if not isinstance(value, numbers.Real) or value < 0:
+            shown = gamma if name == "gamma" else value
             raise ValueError(
-                f"`{name}` must be a non-negative number. Received: "
-                f"{name}={value!r}"
+                f"`{name}` must be a non-negative number (gamma: or one per "
+                f"gate). Received: {name}={shown!r}"
             )
     if len(tuple(clip)) != 2 or not clip[0] < clip[1]:
         raise ValueError(

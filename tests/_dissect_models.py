@@ -164,13 +164,13 @@ class ReferenceFitter:
 
     @tf.function
     def _gradient(self, image, p, lam, gamma):
-        """d/dλ [KL(p || softmax(gated logits)) + gamma * ||λ||_1]."""
+        """d/dλ [KL(p || softmax(gated logits)) + sum(gamma * |λ|)]."""
         gate_values = [gate.gate.value for gate in self.gates]
         with tf.GradientTape() as tape:
             tape.watch(gate_values)
             log_q = tf.nn.log_softmax(self.gated_logits(image))
             kl = tf.reduce_sum(tf.math.xlogy(p, p) - p * log_q)
-            loss = kl + gamma * tf.reduce_sum(tf.abs(lam))
+            loss = kl + tf.reduce_sum(gamma * tf.abs(lam))
         *gate_grads, lam_grad = tape.gradient(loss, gate_values + [lam])
         # The gates hold λ: dL/dλ = dKL/d(gate values) + gamma * sign(λ).
         return lam_grad + tf.concat(gate_grads, 0)[None]
@@ -188,13 +188,18 @@ class ReferenceFitter:
             return int(tf.argmax(self.gated_logits(image)[0])) == target
 
         lam = tf.Variable(tf.ones([1, self.total]), name="lambda")
+        # A number, or one per gate: the weight of each channel's |λ|.
+        gamma = tf.constant(
+            np.repeat(np.broadcast_to(gamma, len(self.sizes)), self.sizes)[None],
+            "float32",
+        )
         optimizer = keras.optimizers.SGD(learning_rate, momentum=momentum)
         best = lam.numpy()[0]  # the last gates that kept the top-1
         for _ in range(iterations):
             if keeps_top1(lam.numpy()):
                 best = lam.numpy()[0]
             self.set_gates(lam.numpy())
-            grad = self._gradient(image, p, lam, tf.constant(gamma))
+            grad = self._gradient(image, p, lam, gamma)
             optimizer.apply_gradients([(grad, lam)])
             lam.assign(tf.clip_by_value(lam, clip[0], clip[1]))
         fitted = lam.numpy()[0]

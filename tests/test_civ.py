@@ -838,6 +838,20 @@ def test_checkpointed_run_equals_plain_run(data, xy, tmp_path):
     assert (tmp_path / "ckpt" / "dissect_state.npz").exists()
 
 
+def test_per_gate_gamma_is_recorded_and_resumes(data, xy, tmp_path):
+    x, y = xy
+    settings = dict(samples_per_class=1, iterations=3, batch_size=4, verbose=0,
+                    gamma=(0.01, 0.1, 0.05), checkpoint_dir=str(tmp_path / "c"))
+    civs = kd.dissect(data["model"], (x, y), **settings)
+    assert civs.config["gamma"] == [0.01, 0.1, 0.05]
+    civs.save(str(tmp_path / "civs.npz"))
+    loaded = kd.CIVs.load(str(tmp_path / "civs.npz"))
+    assert loaded.config["gamma"] == [0.01, 0.1, 0.05]
+    # The same per-gate settings match the checkpoint (JSON lists).
+    again = kd.dissect(data["model"], (x, y), **settings)
+    np.testing.assert_array_equal(again.vectors, civs.vectors)
+
+
 def test_resumed_exclude_run_takes_no_image_twice(data, tmp_path):
     """A dissection cut short (the stream ends early) resumes where it was:
     excluded images count as taken, so the result equals one plain run."""
@@ -874,11 +888,12 @@ def finished_checkpoint(data, xy, tmp_path):
         dict(samples_per_class=2),
         dict(batch_size=5),
         dict(gamma=0.1),
+        dict(gamma=[0.05, 0.05, 0.1]),
         dict(learning_rate=0.2),
         dict(clip=(0.0, 5.0)),
         dict(select="conv"),
     ],
-    ids=lambda c: next(iter(c)),
+    ids=lambda c: f"{next(iter(c))}={next(iter(c.values()))}",
 )
 def test_checkpoint_with_other_settings_is_refused(
     data, xy, finished_checkpoint, change

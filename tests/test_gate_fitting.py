@@ -163,6 +163,23 @@ def test_other_hyperparameters_match_per_image_reference(data, mixed_images):
     assert (observed[kept] == 0.25).any(), "no gate reached the lower clip"
 
 
+def test_per_gate_gamma_matches_per_image_reference(data, mixed_images):
+    """One L1 weight per gate (e.g. scaled by the layer's width)."""
+    images = mixed_images[:6]
+    gamma = [0.02, 0.2, 0.05]  # conv1 (8), relu2 (16), fc1 (32)
+    expected, _ = dm.ReferenceFitter(data["model"])(images, gamma=gamma)
+    observed = paper_cdrp(data["model"], images, batch_size=4, gamma=gamma)
+    assert_close_to_reference(observed, expected)
+    scalar = paper_cdrp(data["model"], images, batch_size=4)
+    assert np.abs(observed - scalar).max() > 0.01
+    # The same weight for every gate is the scalar gamma.
+    same = paper_cdrp(data["model"], images, batch_size=4, gamma=[0.05] * 3)
+    np.testing.assert_allclose(same, scalar, atol=1e-6)
+    fitter = kd.GateFitter(kd.inject_gates(data["model"]), gamma=(0.02, 0.2, 0.05))
+    assert fitter.gamma == [0.02, 0.2, 0.05]
+    assert fitter.get_config()["gamma"] == [0.02, 0.2, 0.05]
+
+
 @pytest.mark.parametrize(
     "select, sources",
     [("conv", ["conv1", "relu2"]), ("dense", ["fc1"])],
@@ -336,6 +353,9 @@ def test_gate_fitter_needs_a_gated_model(data):
         (dict(learning_rate=-0.1), "learning_rate"),
         (dict(momentum=-1), "momentum"),
         (dict(gamma=-0.05), "gamma"),
+        (dict(gamma=[0.05, 0.05]), r"one number per gate \(3 gates\)"),
+        (dict(gamma=[0.05, -0.05, 0.05]), "gamma"),
+        (dict(gamma="0.05"), "gamma"),
         (dict(clip=(10.0, 0.0)), "clip"),
         (dict(clip=(0.0, 1.0, 2.0)), "clip"),
     ],
