@@ -34,7 +34,7 @@ def finetune(
         sub: `keras_drnet.SubtaskModel`; not modified.
         ds: `(image, label)` pairs (dataset, batched or not, or a tuple of
             arrays) with the original model's labels; only the images of
-            the sub-task's classes are used.
+            the sub-task's classes are used (one extra pass counts them).
         epochs: int. Passes over those images.
         optimizer: a `keras.optimizers.Optimizer`; default SGD, learning
             rate 0.01, momentum 0.9.
