@@ -18,6 +18,10 @@ _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
           512, 512, 512, "M", 512, 512, 512, "M"]
 
 
+# union_thr of the paper's CIFAR-10 experiments (sec. 4.2).
+PAPER_THRESHOLDS = {"vgg16": 6e-3, "resnet18": 2e-3, "mobilenetv2": 8e-4}
+
+
 def vgg16_cifar(width=1.0, classes=10, name="vgg16_cifar"):
     x = inputs = keras.Input((32, 32, 3))
     block, index = 1, 1

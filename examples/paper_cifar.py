@@ -36,7 +36,6 @@ import cifar_models  # noqa: E402
 import keras_drnet as kd  # noqa: E402
 
 # The paper's thresholds (sec. 4.2-4.4) and sub-tasks (Tables 1-3).
-PAPER_THRESHOLDS = {"vgg16": 6e-3, "resnet18": 2e-3, "mobilenetv2": 8e-4}
 _VGG_RESNET_SUBTASKS = [
     ["airplane", "truck"],
     ["automobile", "deer"],
@@ -55,7 +54,7 @@ PAPER_SUBTASKS = {
     ],
 }
 
-_ARCH = flags.DEFINE_enum("arch", "vgg16", list(PAPER_THRESHOLDS),
+_ARCH = flags.DEFINE_enum("arch", "vgg16", list(cifar_models.PAPER_THRESHOLDS),
                           "The network.")
 _WIDTH = flags.DEFINE_float(
     "width", None, "Width multiplier (paper: 1); default: "
@@ -159,7 +158,7 @@ def main(_):
     quick = _QUICK.value
     arch = _ARCH.value
     width = _WIDTH.value or cifar_models.DEFAULT_WIDTHS[arch]
-    threshold = _THRESHOLD.value or PAPER_THRESHOLDS[arch]
+    threshold = _THRESHOLD.value or cifar_models.PAPER_THRESHOLDS[arch]
     model, accuracy, names = cifar_models.trained(
         arch, width, _EPOCHS.value, _SEED.value, quick=quick
     )
