@@ -259,9 +259,10 @@ def _check_hyperparameters(iterations, learning_rate, momentum, gamma, clip):
     ]:
         if not isinstance(value, numbers.Real) or value < 0:
             shown = gamma if name == "gamma" else value
+            hint = " (or one per gate)" if name == "gamma" else ""
             raise ValueError(
-                f"`{name}` must be a non-negative number (gamma: or one per "
-                f"gate). Received: {name}={shown!r}"
+                f"`{name}` must be a non-negative number{hint}. Received: "
+                f"{name}={shown!r}"
             )
     if len(tuple(clip)) != 2 or not clip[0] < clip[1]:
         raise ValueError(
