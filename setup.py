@@ -17,9 +17,13 @@ setuptools.setup(
         "tensorflow>=2.16",
         "keras>=3.4",
         "tensorflow-datasets",
+        # tensorflow-datasets 4.9.x imports it on its download path but
+        # declares it only for Python < 3.9: without it, the first
+        # `tfds.load("cifar10")` fails with ModuleNotFoundError.
+        "importlib_resources",
         "numpy",
         "absl-py",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "pytest-xdist"]},
 )

@@ -4,31 +4,35 @@ Trains a small CNN on CIFAR-10 (or reuses the one it saved before),
 dissects it into per-class CIVs, builds the cat/dog sub-task, prints its
 report (the paper's Table 1 row), saves the per-layer plot (Figure 7),
 exports a SavedModel and checks the reloaded artifact, and compacts the
-sub-task into a smaller plain Keras model.
+sub-task into a smaller plain Keras model saved as `.keras`.
 
-    python examples/quickstart.py            # ~3 minutes on 2 CPU cores
+    python examples/quickstart.py            # ~6 minutes on 2 CPU cores
     python examples/quickstart.py --quick    # seconds, for the tests
+
+CIFAR-10 comes through `tfds.load`: downloaded once (about 170 MB) into
+`~/tensorflow_datasets`, or read offline from `$TFDS_DATA_DIR`.
 """
 
+import math
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app
+from absl import flags
+from absl import logging
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
+# TensorFlow is imported inside functions: `--help` and a bad flag answer at
+# once instead of after ten seconds of start-up.
 
-import keras_drnet as kd  # noqa: E402
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog",
+                   "frog", "horse", "ship", "truck")
 
 _QUICK = flags.DEFINE_boolean(
     "quick", False, "Tiny run (a few batches, few images) to check it works."
 )
 _OUTPUT = flags.DEFINE_string(
-    "output_dir", "drnet_quickstart", "Where the plot and SavedModel go."
+    "output_dir", "drnet_quickstart",
+    "Where the plot, the SavedModel and the compact model go.",
 )
 _MODEL = flags.DEFINE_string(
     "model_path",
@@ -41,22 +45,101 @@ _SAMPLES = flags.DEFINE_integer(
     "samples_per_class", 100, "Images per class for the CIVs (paper: 100)."
 )
 _THRESHOLD = flags.DEFINE_float(
-    "threshold", None, "union_thr (paper, VGG16 on CIFAR-10: 6e-3)."
+    "threshold", None,
+    "union_thr (paper, VGG16 on CIFAR-10: 6e-3); replaces --budget.",
 )
 _BUDGET = flags.DEFINE_float(
-    "budget", 0.5, "Fraction of channels to keep (used unless --threshold)."
+    "budget", 0.5,
+    "Fraction of the channels to keep (used unless --threshold is given).",
 )
-_CLASSES = flags.DEFINE_list("classes", ["cat", "dog"], "The sub-task.")
+_BUDGET_SCOPE = flags.DEFINE_enum(
+    "budget_scope", "model", ["model", "gate"],
+    "'model': one ranking over all channels; 'gate': every layer keeps "
+    "--budget of its channels.",
+)
+_CALIBRATE = flags.DEFINE_boolean(
+    "calibrate", False,
+    "Recalibrate the BatchNorm statistics of the masked network on 512 "
+    "training images of the sub-task.",
+)
+_CLASSES = flags.DEFINE_list(
+    "classes", ["cat", "dog"],
+    f"The sub-task: CIFAR-10 class names ({', '.join(CIFAR10_CLASSES)}).",
+)
 
 
-def cifar10(split):
-    ds, info = tfds.load("cifar10", split=split, as_supervised=True,
-                         with_info=True)
-    ds = ds.map(lambda x, y: (tf.cast(x, "float32") / 255.0, y))
-    return ds, info.features["label"].names
+def flag_errors():
+    """What is wrong with the flags, checked before anything is loaded."""
+    errors = []
+    classes = _CLASSES.value
+    unknown = [c for c in classes if c not in CIFAR10_CLASSES]
+    if unknown:
+        errors.append(
+            f"unknown class {', '.join(map(repr, unknown))}: --classes takes "
+            f"CIFAR-10 names ({', '.join(CIFAR10_CLASSES)}). Received: "
+            f"--classes={','.join(classes)}"
+        )
+    elif len(set(classes)) != len(classes) or len(classes) < 2:
+        errors.append(
+            "--classes needs two or more distinct class names. Received: "
+            f"--classes={','.join(classes)}"
+        )
+    threshold, budget = _THRESHOLD.value, _BUDGET.value
+    if threshold is not None and not (math.isfinite(threshold)
+                                      and threshold >= 0):
+        errors.append(
+            f"--threshold must be a number >= 0. Received: "
+            f"--threshold={threshold}"
+        )
+    if threshold is None and not 0 < budget <= 1:
+        errors.append(
+            f"--budget must be in (0, 1], the fraction of channels kept. "
+            f"Received: --budget={budget}"
+        )
+    for flag in (_EPOCHS, _SAMPLES):
+        if flag.value < 1:
+            errors.append(
+                f"--{flag.name} must be at least 1. Received: "
+                f"--{flag.name}={flag.value}"
+            )
+    return errors
+
+
+def load_cifar10(data_dir=None):
+    """CIFAR-10's train and test splits in [0, 1], and the class names.
+
+    Downloads and prepares the dataset the first time, as `tfds.load` does;
+    when that is impossible, ends the program with one line saying how to
+    run offline.
+    """
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("cifar10", data_dir=data_dir)
+    if not builder.is_prepared():
+        print(f"CIFAR-10 is not in {builder.data_dir}: downloading it "
+              "(about 170 MB) ...", flush=True)
+        try:
+            builder.download_and_prepare()
+        except OSError as error:  # requests' ConnectionError is an OSError.
+            raise SystemExit(
+                f"Could not download CIFAR-10 ({type(error).__name__}). "
+                "Connect to the internet, or run offline with the prepared "
+                "dataset: set TFDS_DATA_DIR to the folder that holds "
+                "cifar10/ (e.g. a ~/tensorflow_datasets copied from a machine "
+                "that ran `tfds build cifar10`)."
+            ) from None
+
+    def split(name):
+        ds = builder.as_dataset(split=name, as_supervised=True)
+        return ds.map(lambda x, y: (tf.cast(x, "float32") / 255.0, y))
+
+    return split("train"), split("test"), builder.info.features["label"].names
 
 
 def small_cnn():
+    import keras
+
     keras.utils.set_random_seed(0)
     layers = [keras.Input((32, 32, 3))]
     for block, filters in enumerate((16, 32, 64), start=1):
@@ -80,9 +163,12 @@ def small_cnn():
 
 
 def trained_model(train, test, quick):
-    if not quick and os.path.exists(_MODEL.value):
-        print(f"Reusing the trained model {_MODEL.value}")
-        return keras.models.load_model(_MODEL.value)
+    import keras
+
+    path = _MODEL.value
+    if not quick and os.path.exists(path):
+        print(f"Reusing the trained model {path} (delete it to retrain).")
+        return keras.models.load_model(path)
     model = small_cnn()
     model.compile(
         keras.optimizers.Adam(2e-3),
@@ -92,20 +178,39 @@ def trained_model(train, test, quick):
     batches = train.cache().shuffle(10_000, seed=0).batch(128)
     if quick:
         batches = batches.take(5)
-    model.fit(batches, epochs=1 if quick else _EPOCHS.value, verbose=2)
+    epochs = 1 if quick else _EPOCHS.value
+    print(f"Training a small CNN on CIFAR-10 ({epochs} epochs) ...")
+    model.fit(batches, epochs=epochs, shuffle=False, verbose=2)  # shuffled
     if not quick:
         _, accuracy = model.evaluate(test.batch(512), verbose=0)
         print(f"Test accuracy of the 10-class model: {accuracy:.2%}")
-        os.makedirs(os.path.dirname(_MODEL.value), exist_ok=True)
-        model.save(_MODEL.value)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        model.save(path)
+        print(f"Saved the trained model to {path}; later runs reuse it.")
     return model
 
 
-def main(_):
-    logging.set_verbosity(logging.WARNING)
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"quickstart.py: unexpected argument {argv[1]!r}; flags "
+                 "are written --name=value (see --help).")
+    errors = flag_errors()
+    if errors:
+        sys.exit(f"quickstart.py: {'; '.join(errors)}")
+
+    # TensorFlow's own start-up lines about CUDA come before this can
+    # silence them; level 2 keeps its later info and warning lines out.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.set_verbosity(logging.WARNING)  # tfds and SavedModel info lines
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_drnet as kd
+
     quick = _QUICK.value
-    train, names = cifar10("train")
-    test, _ = cifar10("test[:500]" if quick else "test")
+    train, test, names = load_cifar10()
+    if quick:
+        test = test.take(500)
     model = trained_model(train, test, quick)
 
     # Dissect: per-class CIVs from the first images of each class.
@@ -118,11 +223,14 @@ def main(_):
     )
     print(civs)
 
-    # Reconstruct: the cat/dog sub-task (paper: union set, union_thr).
+    # Reconstruct: the sub-task (paper: union set, union_thr).
     if _THRESHOLD.value is not None:
         combine = {"threshold": _THRESHOLD.value}
     else:
-        combine = {"budget": _BUDGET.value}
+        combine = {"budget": _BUDGET.value,
+                   "budget_scope": _BUDGET_SCOPE.value}
+    if _CALIBRATE.value:
+        combine["calibrate"] = train
     sub = kd.subtask(model, civs, _CLASSES.value, **combine)
     report = kd.evaluate_subtask(sub, test)
     print(report)
@@ -151,8 +259,10 @@ def main(_):
     live = list(sub.cciv.classes)
     difference = np.abs(small.predict(images, verbose=0) - sub.predict(
         images, verbose=0)[:, live]).max()
+    small_path = os.path.join(_OUTPUT.value, "compact.keras")
+    small.save(small_path)
     print(
-        f"Compact model: {small.count_params():,} params "
+        f"Compact model {small_path}: {small.count_params():,} params "
         f"(base {model.count_params():,}); outputs "
         f"{small.get_layer('class_probabilities').class_names}; max |compact "
         f"- masked| = {difference:.1e}"

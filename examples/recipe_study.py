@@ -13,7 +13,11 @@ recipe. Levers, alone and combined:
 - mask-aware BatchNorm recalibration (`calibrate=`, 256 training images of
   the sub-task's classes);
 - a soft CCIV (kept channels scaled by their union CIV instead of 1);
-- a short fine-tune of the compacted model (`kd.finetune`, at some budgets).
+- a short fine-tune of the compacted model (`kd.finetune`, at some budgets);
+- the channel ranking (issue 13): `kd.dissect(method=...)` with CDRP,
+  activation, FRAT or Taylor scores, against the class-agnostic rankings a
+  pruning engineer would try first: the L1 norm of the channel's filter,
+  |BatchNorm gamma| and random.
 
     python examples/recipe_study.py --arch=vgg16 --width=0.5 --epochs=15
     python examples/recipe_study.py --quick     # seconds, for the tests
@@ -38,6 +42,8 @@ from absl import logging  # noqa: E402
 import cifar_models  # noqa: E402
 import keras_drnet as kd  # noqa: E402
 from keras_drnet.channel_flow import running_costs  # noqa: E402
+from keras_drnet.civ import gate_layout  # noqa: E402
+from keras_drnet.civ import model_fingerprint  # noqa: E402
 
 # name: (fitting settings, calibrate, soft)
 RECIPES = {
@@ -67,7 +73,78 @@ RECIPES = {
         {"on_top1_change": "keep_best", "gamma": 0.002}, True, False),
     "keep_best gamma per layer + BN": (
         {"on_top1_change": "keep_best", "gamma": "per layer"}, True, False),
+    # The channel ranking (issue 13), judged with BN.
+    "activation + BN": ({"method": "activation"}, True, False),
+    "frat + BN": ({"method": "frat"}, True, False),
+    "taylor + BN": ({"method": "taylor"}, True, False),
+    "L1-norm + BN": ({"baseline": "l1"}, True, False),
+    "BN gamma + BN": ({"baseline": "bn_gamma"}, True, False),
+    "random + BN": ({"baseline": "random"}, True, False),
 }
+
+
+def _producers(model, source):
+    """The layers that make a gated channel: back from `source` through
+    channelwise layers and residual adds to the convolutions / dense layers,
+    not past another ReLU (an identity shortcut has no filter)."""
+    found, stack, seen = [], [model.get_layer(source)], set()
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        found.append(layer)
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense,
+                              keras.layers.DepthwiseConv2D)):
+            continue
+        if isinstance(layer, keras.layers.ReLU) and len(found) > 1:
+            continue
+        inputs = layer.input if isinstance(layer.input, list) else [layer.input]
+        stack.extend(t._keras_history.operation for t in inputs)
+    return found
+
+
+def baseline_civs(model, kind, names, seed=0):
+    """Class-agnostic rankings as CIVs: every class scores a channel alike.
+
+    `"l1"`: L1 norm of the channel's filter (summed over the filters that
+    add into it); `"bn_gamma"`: |gamma| of its BatchNormalization layer(s);
+    `"random"`: uniform random scores.
+    """
+    gated = kd.inject_gates(model)
+    rng = np.random.default_rng(seed)
+    scores = []
+    for spec in kd.list_gates(gated):
+        if kind == "random":
+            scores.append(rng.uniform(size=spec.channels))
+            continue
+        score = np.zeros(spec.channels)
+        for layer in _producers(model, spec.source):
+            if kind == "l1" and hasattr(layer, "kernel"):
+                kernel = np.abs(keras.ops.convert_to_numpy(layer.kernel))
+                score += kernel.reshape(-1, spec.channels).sum(0)
+            elif kind == "bn_gamma" and isinstance(
+                    layer, keras.layers.BatchNormalization):
+                score += np.abs(keras.ops.convert_to_numpy(layer.gamma))
+        if not score.any():
+            raise ValueError(f"No {kind} score for gate {spec.name}.")
+        scores.append(score)
+    vectors = np.tile(np.concatenate(scores), (len(names), 1))
+    return kd.CIVs(vectors, names, np.ones(len(names), "int64"),
+                   gate_layout(gated), model_fingerprint(model),
+                   {"method": f"baseline {kind}"})
+
+
+def lossless_points(rows, tolerance=0.005):
+    """Per recipe, the smallest budget whose mean drop is <= tolerance."""
+    best = {}
+    for row in rows:
+        if (np.isfinite(row["budget"]) and row["drop"] <= tolerance
+                and "fine-tune" not in row["recipe"]):
+            if row["recipe"] not in best or row["budget"] < best[
+                    row["recipe"]]["budget"]:
+                best[row["recipe"]] = row
+    return best
 
 
 def per_layer_gamma(model, gamma=0.05):
@@ -242,9 +319,14 @@ def main(_):
         if fitting.get("gamma") == "per layer":
             fitting = dict(fitting, gamma=per_layer_gamma(model))
         if key not in civs_cache:
-            civs = cifar_models.dissected(
-                model, f"{arch}_w{width:g}_e{_EPOCHS.value}_s0", samples,
-                quick=quick, **fitting)
+            if "baseline" in fitting:
+                civs = baseline_civs(model, fitting["baseline"], names)
+            else:
+                start = time.time()
+                civs = cifar_models.dissected(
+                    model, f"{arch}_w{width:g}_e{_EPOCHS.value}_s0", samples,
+                    quick=quick, **fitting)
+                print(f"{name}: CIVs in {time.time() - start:.0f} s")
             print(f"{name}: {civs}")
             civs_cache[key] = civs
             if (civs.counts > 0).sum() < 2:
@@ -365,6 +447,19 @@ def main(_):
             f"| {row['recipe']} | {row['budget']:g} | {row['pairs']} | "
             f"{row['running_params']:.1%} | {row['drop'] * 100:.2f} | "
             f"{row['max_drop'] * 100:.1f} |")
+    lossless = lossless_points(rows)
+    lines += [
+        "\n## Lossless points\n",
+        "The smallest budget whose mean drop stays <= 0.5 pp (recipes that "
+        "never get there are not listed).\n",
+        "| recipe | budget | running params (mean) | drop (mean, pp) | "
+        "drop (max, pp) |",
+        "| --- | --- | --- | --- | --- |",
+    ] + [
+        f"| {r['recipe']} | {r['budget']:g} | {r['running_params']:.1%} | "
+        f"{r['drop'] * 100:.2f} | {r['max_drop'] * 100:.1f} |"
+        for r in lossless.values()
+    ]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(_OUTPUT.value, f"{stem}.md"), "w") as f:
         f.write(text)

@@ -4,17 +4,17 @@ from keras_drnet import model_surgery
 from keras_drnet.calibration import calibrate_batchnorm
 from keras_drnet.channel_gate import ChannelGate
 from keras_drnet.civ import CIVs
-from keras_drnet.civ import dissect
 from keras_drnet.compaction import compact
+from keras_drnet.dissection import dissect
 from keras_drnet.finetuning import finetune
 from keras_drnet.gate_fitting import GateFitter
 from keras_drnet.gate_fitting import cdrp
 from keras_drnet.model_surgery import inject_gates
 from keras_drnet.model_surgery import list_gates
-from keras_drnet.reporting import SubtaskReport
-from keras_drnet.reporting import evaluate_subtask
 from keras_drnet.reconstruction import CCIV
 from keras_drnet.reconstruction import combine
+from keras_drnet.reporting import SubtaskReport
+from keras_drnet.reporting import evaluate_subtask
 from keras_drnet.subtask import SubtaskModel
 from keras_drnet.subtask import subtask
 

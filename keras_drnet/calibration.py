@@ -4,10 +4,19 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_drnet.batching import image_batches
+from keras_drnet.batching import model_input_shape
 from keras_drnet.channel_flow import flat_nodes
 from keras_drnet.channel_gate import ChannelGate
-from keras_drnet.gate_fitting import image_batches
-from keras_drnet.gate_fitting import model_input_shape
+
+
+def batchnorm_layers(model):
+    """`model`'s BatchNormalization layers (nested ones too), each once."""
+    layers = {}
+    for flat in flat_nodes(model)[0]:
+        if isinstance(flat.op, keras.layers.BatchNormalization):
+            layers.setdefault(id(flat.op), flat.op)
+    return list(layers.values())
 
 
 def affected_batchnorms(gated_model):

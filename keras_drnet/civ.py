@@ -1,24 +1,15 @@
-"""Channel Importance Vectors: per-class means of CDRPs, saved and loaded."""
+"""Channel Importance Vectors: per-class mean channel scores, saved and loaded."""
 
 import dataclasses
 import difflib
 import hashlib
 import json
 import os
-import warnings
 import zipfile
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from keras_drnet.gate_fitting import BatchFitter
-from keras_drnet.gate_fitting import GateFitter
-from keras_drnet.gate_fitting import Progress
-from keras_drnet.gate_fitting import is_int
-from keras_drnet.gate_fitting import check_image_shape
-from keras_drnet.gate_fitting import gated
-from keras_drnet.gate_fitting import model_input_shape
 from keras_drnet.model_surgery import list_gates
 
 _FORMAT_VERSION = 2
@@ -62,9 +53,10 @@ def model_fingerprint(model):
 class CIVs:
     """The Channel Importance Vector of every class of a classifier.
 
-    `vectors[c]` is the mean CDRP of the images of class `c` used in the
-    dissection; the channels follow `layout` (gate after gate, in the gated
-    model's topological order). A class for which no image was seen is
+    `vectors[c]` is the mean channel score of the images of class `c` used
+    in the dissection (their CDRPs with the paper's method, "cdrp";
+    `config["method"]` says which); the channels follow `layout` (gate
+    after gate, in the gated model's topological order). A class for which no image was seen is
     *missing*: its row is NaN, and asking for it raises an error.
 
     Args:
@@ -254,12 +246,16 @@ class CIVs:
             for n, c in zip(self.class_names, self.top1_changed)
             if c
         )
-        policy = self.config.get("on_top1_change", "reset")
-        return (
-            f"<CIVs {self.num_classes} classes x {self.total_channels} "
-            f"channels in {len(self.layout)} gates; images per class: "
-            f"{{{counts}}}; top-1 changed ({policy}): {{{changed}}}>"
+        method = self.config.get("method", "cdrp")
+        text = (
+            f"<CIVs ({method}) {self.num_classes} classes x "
+            f"{self.total_channels} channels in {len(self.layout)} gates; "
+            f"images per class: {{{counts}}}"
         )
+        if method != "cdrp":
+            return text + ">"
+        policy = self.config.get("on_top1_change", "reset")
+        return text + f"; top-1 changed ({policy}): {{{changed}}}>"
 
     def save(self, path):
         """Saves to a `.npz` file (no pickle)."""
@@ -277,7 +273,7 @@ class CIVs:
             "config": self.config,
             "sha256": _checksum(self.vectors, self.counts, self.top1_changed),
         }
-        _atomic_savez(
+        atomic_savez(
             path,
             vectors=self.vectors,
             counts=self.counts,
@@ -333,290 +329,10 @@ def _checksum(*arrays):
     return digest.hexdigest()
 
 
-def _atomic_savez(path, **arrays):
+def atomic_savez(path, **arrays):
     # Write then rename: a kill mid-write never leaves a half file behind.
     tmp = f"{path}.tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 
-def labelled_elements(ds, input_shape, num_classes):
-    """`ds` as unbatched `(image, int label)` elements."""
-    if isinstance(ds, tuple) and len(ds) == 2:
-        ds = tf.data.Dataset.from_tensor_slices(ds)
-    if not isinstance(ds, tf.data.Dataset):
-        raise TypeError(
-            "`ds` must be a `tf.data.Dataset` of `(image, label)` pairs (as "
-            "`tfds.load(..., as_supervised=True)` gives) or a tuple "
-            f"`(images, labels)` of arrays. Received: {type(ds).__name__}"
-        )
-    spec = ds.element_spec
-    if not (isinstance(spec, tuple) and len(spec) == 2):
-        raise ValueError(
-            "`ds` must yield `(image, label)` pairs; use "
-            "`tfds.load(..., as_supervised=True)`. Received: "
-            f"element_spec={spec}"
-        )
-    image_spec, label_spec = spec
-    rank = len(input_shape)
-    if image_spec.shape.rank == rank:
-        ds = ds.unbatch()
-        label_rank = label_spec.shape.rank - 1
-    elif image_spec.shape.rank == rank - 1:
-        label_rank = label_spec.shape.rank
-    else:
-        raise ValueError(
-            f"Images must have the model's input shape "
-            f"{tuple(input_shape[1:])} (batched or not). Received: "
-            f"element_spec={spec}"
-        )
-    check_image_shape(image_spec.shape[-rank + 1 :], input_shape)
-    if label_rank == 1 and label_spec.shape[-1] == num_classes:
-        # One-hot (or soft) labels: the class is the largest entry.
-        ds = ds.map(lambda x, y: (x, tf.argmax(y, axis=-1)))
-    elif label_rank != 0 or not label_spec.dtype.is_integer:
-        raise ValueError(
-            "Labels must be integer class indices (or one-hot vectors of "
-            f"length {num_classes}). Received: label spec {label_spec}"
-        )
-    return ds
-
-
-class _Checkpoint:
-    """Sums, counts, top-1 changes and position, saved after every batch."""
-
-    def __init__(self, directory, settings):
-        self.path = os.path.join(directory, "dissect_state.npz")
-        self.settings = settings
-        os.makedirs(directory, exist_ok=True)
-
-    def load(self):
-        if not os.path.exists(self.path):
-            return None
-        with np.load(self.path, allow_pickle=False) as data:
-            settings = json.loads(str(data["settings"]))
-            if settings != self.settings:
-                raise ValueError(
-                    f"The checkpoint in {os.path.dirname(self.path)!r} was "
-                    "made by a dissection with other settings or another "
-                    f"model ({settings} vs now {self.settings}). Use another "
-                    "`checkpoint_dir` or delete it to start over."
-                )
-            return (data["sums"], data["counts"], data["changed"],
-                    int(data["position"]))
-
-    def save(self, sums, counts, changed, position):
-        _atomic_savez(
-            self.path,
-            sums=sums,
-            counts=counts,
-            changed=changed,
-            position=np.array(position),
-            settings=np.array(json.dumps(self.settings)),
-        )
-
-
-def dissect(
-    model,
-    ds,
-    samples_per_class=100,
-    class_names=None,
-    batch_size=64,
-    iterations=30,
-    learning_rate=0.1,
-    momentum=0.9,
-    gamma=0.05,
-    clip=(0.0, 10.0),
-    on_top1_change="keep_best",
-    select="all",
-    checkpoint_dir=None,
-    strategy=None,
-    jit_compile=False,
-    verbose=1,
-):
-    """Dissects a classifier into per-class Channel Importance Vectors.
-
-    Fits the CDRP of the first `samples_per_class` images of every class
-    (in dataset order) and averages them per class. CDRPs are summed as they
-    come, so memory does not grow with the dataset, and reading stops once
-    every class has its images.
-
-    Args:
-        model: a Keras classifier (logits or softmax output) that takes the
-            images of `ds` as they are: apply your preprocessing (e.g.
-            scaling to [0, 1]) to `ds` first.
-        ds: a `tf.data.Dataset` of `(image, label)` pairs or batches of them
-            (integer or one-hot labels), or a tuple `(images, labels)`.
-        samples_per_class: int, or `None` for every image (paper: 100).
-        class_names: list of names, one per model output; defaults to
-            `["0", "1", ...]`.
-        batch_size: int. Images fitted at once.
-        iterations, learning_rate, momentum, gamma, clip: fitting
-            hyperparameters, defaults from the paper (sec. 4.1); see
-            `GateFitter`.
-        on_top1_change: for an image whose top-1 the fitted gates change:
-            `"keep_best"` (default: its last gates that kept the top-1),
-            `"reset"` its gates to 1 (the paper), or `"exclude"` it from its
-            class average.
-            `CIVs.top1_changed` counts these images per class.
-        select: which ReLUs get gates; see `inject_gates()`.
-        checkpoint_dir: str or `None`. If set, progress is saved there after
-            every batch, and a dissection restarted with the same arguments
-            resumes and gives exactly the result of an uninterrupted run
-            (the dataset must yield the same order each time).
-        strategy: a `tf.distribute.Strategy` spreading each batch over its
-            replicas; defaults to the current one.
-        jit_compile: bool. Compile the fitting step with XLA.
-        verbose: 0 (silent) or 1 (progress bar with images/s).
-
-    Returns:
-        `CIVs`.
-
-    Example:
-
-    ```python
-    ds = tfds.load("cifar10", split="train", as_supervised=True)
-    ds = ds.map(lambda x, y: (tf.cast(x, "float32") / 255.0, y))
-    civs = keras_drnet.dissect(model, ds, class_names=names)
-    ```
-    """
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"Expected a `keras.Model`. Received: model of type "
-            f"{type(model).__name__}"
-        )
-    if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(
-            f"`batch_size` must be a positive int. Received: "
-            f"batch_size={batch_size!r}"
-        )
-    if samples_per_class is not None and (
-        not is_int(samples_per_class) or samples_per_class < 1
-    ):
-        raise ValueError(
-            "`samples_per_class` must be a positive int or None (all "
-            f"images). Received: samples_per_class={samples_per_class!r}"
-        )
-    input_shape, dtype = model_input_shape(model)
-    num_classes = model.outputs[0].shape[-1]
-    if class_names is None:
-        class_names = [str(i) for i in range(num_classes)]
-    class_names = list(class_names)
-    if len(class_names) != num_classes or len(set(class_names)) != num_classes:
-        raise ValueError(
-            f"`class_names` must be {num_classes} distinct names, one per "
-            f"output of the model. Received: class_names={class_names}"
-        )
-    elements = labelled_elements(ds, input_shape, num_classes)
-
-    strategy = strategy or tf.distribute.get_strategy()
-    with strategy.scope():
-        fitter = GateFitter(
-            gated(model, select),
-            iterations=iterations,
-            learning_rate=learning_rate,
-            momentum=momentum,
-            gamma=gamma,
-            clip=clip,
-            on_top1_change=on_top1_change,
-        )
-    run = BatchFitter(fitter, batch_size, strategy, jit_compile)
-    layout = gate_layout(fitter.gated_model)
-    fingerprint = model_fingerprint(model)
-    # Plain Python numbers: the settings are written as JSON.
-    config = {
-        "samples_per_class": (
-            None if samples_per_class is None else int(samples_per_class)
-        ),
-        "iterations": fitter.iterations,
-        "learning_rate": fitter.learning_rate,
-        "momentum": fitter.momentum,
-        "gamma": fitter.gamma,
-        "clip": list(fitter.clip),
-        "on_top1_change": on_top1_change,
-        "select": select if isinstance(select, str) else repr(select),
-    }
-
-    sums = np.zeros((num_classes, fitter.total_channels), "float64")
-    counts = np.zeros(num_classes, "int64")
-    changed = np.zeros(num_classes, "int64")
-    position = 0
-    checkpoint = None
-    if checkpoint_dir is not None:
-        checkpoint = _Checkpoint(
-            checkpoint_dir,
-            dict(config, batch_size=int(batch_size), fingerprint=fingerprint),
-        )
-        state = checkpoint.load()
-        if state is not None:
-            sums, counts, changed, position = state
-
-    limit = samples_per_class
-    target = None if limit is None else limit * num_classes
-    progress = Progress(target, verbose)
-    progress.add(int(counts.sum()))
-    # Images taken so far (a resumed run skips them), excluded ones too.
-    selected = counts + (changed if on_top1_change == "exclude" else 0)
-    images, labels = [], []
-
-    def flush():
-        cdrps, top1_changed = run(np.stack(images))
-        batch_labels = np.asarray(labels)
-        used = ~np.isnan(cdrps).any(axis=1)  # "exclude" gives NaN rows
-        np.add.at(sums, batch_labels[used], cdrps[used].astype("float64"))
-        counts[:] += np.bincount(batch_labels[used], minlength=num_classes)
-        changed[:] += np.bincount(
-            batch_labels[top1_changed], minlength=num_classes
-        )
-        if checkpoint is not None:
-            checkpoint.save(sums, counts, changed, position)
-        progress.add(len(images))
-        images.clear()
-        labels.clear()
-
-    for image, label in elements.skip(position).as_numpy_iterator():
-        if limit is not None and selected.min() >= limit:
-            break
-        position += 1
-        label = int(label)
-        if not 0 <= label < num_classes:
-            raise ValueError(
-                f"Label {label} of dataset element {position - 1} is out of "
-                f"range for a model with {num_classes} outputs (0 to "
-                f"{num_classes - 1}). Map labels to class indices first."
-            )
-        if limit is not None and selected[label] >= limit:
-            continue
-        selected[label] += 1
-        images.append(image.astype(dtype, copy=False))
-        labels.append(label)
-        if len(images) == run.batch_size:
-            flush()
-    if images:
-        flush()
-    progress.finish()
-
-    with np.errstate(invalid="ignore", divide="ignore"):
-        vectors = sums / counts[:, None]
-    civs = CIVs(vectors, class_names, counts, layout, fingerprint, config,
-                changed)
-    short = [
-        f"{n} ({c})"
-        for n, c in zip(class_names, selected)
-        if limit is not None and 0 < c < limit
-    ]
-    if short:
-        warnings.warn(
-            f"Fewer than samples_per_class={limit} images were found for "
-            f"{len(short)} classes; their CIVs average what there was: "
-            f"{', '.join(short)}.",
-            stacklevel=2,
-        )
-    if civs.missing:
-        warnings.warn(
-            f"No image was averaged for classes {civs.missing} (none was "
-            "found, or `on_top1_change='exclude'` excluded them all): their "
-            "CIVs are missing (NaN) and sub-tasks cannot use them.",
-            stacklevel=2,
-        )
-    return civs

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_drnet.calibration import batchnorm_layers
 from keras_drnet.calibration import record_statistics
 from keras_drnet.compaction import ClassSoftmax
 from keras_drnet.compaction import compact
@@ -91,11 +92,8 @@ def finetune(
         shuffle=False,  # done by the dataset
         verbose=verbose,
     )
-    batchnorms = [
-        layer
-        for layer in model.layers
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
     images = data.map(lambda x, y: x).take(calibration_samples)
-    record_statistics(model, batchnorms, images, calibration_samples)
+    record_statistics(
+        model, batchnorm_layers(model), images, calibration_samples
+    )
     return model

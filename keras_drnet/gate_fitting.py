@@ -1,13 +1,17 @@
 """Per-image gate fitting: the CDRP of every image, a whole batch at a time."""
 
 import numbers
-import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_drnet.batching import BatchRunner
+from keras_drnet.batching import Progress
+from keras_drnet.batching import image_batches
+from keras_drnet.batching import is_int
+from keras_drnet.batching import model_input_shape
 from keras_drnet.channel_gate import per_sample_gates
 from keras_drnet.model_surgery import inject_gates
 from keras_drnet.model_surgery import list_gates
@@ -161,8 +165,11 @@ class GateFitter(keras.Model):
             state["best"] = ops.where(kept[:, None], gates, state["best"])
         return state
 
-    def fit_batch(self, images):
-        """Fits a batch: `(cdrps [batch, total], top1_changed [batch])`."""
+    def fit_batch(self, images, labels=None):
+        """Fits a batch: `(cdrps [batch, total], top1_changed [batch])`.
+
+        `labels` are not used: a CDRP reproduces the model's own output.
+        """
         ones = ops.ones((ops.shape(images)[0], self.total_channels))
         target = ops.log_softmax(self.logits(images, ones))
         state = {
@@ -237,10 +244,6 @@ def _same_top1(logits, target):
     return ops.equal(ops.argmax(logits, axis=-1), ops.argmax(target, axis=-1))
 
 
-def is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_hyperparameters(iterations, learning_rate, momentum, gamma, clip):
     if not is_int(iterations) or iterations < 1:
         raise ValueError(
@@ -276,103 +279,6 @@ def gated(model, select="all"):
     if isinstance(model, keras.Model) and list_gates(model):
         return model
     return inject_gates(model, select=select)
-
-
-class BatchFitter:
-    """Runs a `GateFitter` over fixed-size batches as one compiled function.
-
-    Batches are padded to `batch_size` (a multiple of the replica count), so
-    the function is traced once and a short last batch costs no retrace;
-    padding rows are fitted and dropped, which changes nothing for the real
-    images since images do not interact. Under a `tf.distribute` strategy,
-    each replica fits its slice of the batch.
-    """
-
-    def __init__(self, fitter, batch_size, strategy=None, jit_compile=False):
-        self.fitter = fitter
-        self.strategy = strategy or tf.distribute.get_strategy()
-        replicas = self.strategy.num_replicas_in_sync
-        self.batch_size = -(-batch_size // replicas) * replicas
-        self._per_replica = self.batch_size // replicas
-        self._step = tf.function(fitter.fit_batch, jit_compile=jit_compile)
-        self._run = tf.function(self._distributed)
-
-    def _distributed(self, images):
-        def shard(context):
-            start = context.replica_id_in_sync_group * self._per_replica
-            return images[start : start + self._per_replica]
-
-        values = self.strategy.experimental_distribute_values_from_function(
-            shard
-        )
-        results = self.strategy.run(self._step, args=(values,))
-        return [
-            tf.concat(self.strategy.experimental_local_results(r), 0)
-            for r in results
-        ]
-
-    def __call__(self, images):
-        """`(cdrps, top1_changed)` of a numpy batch of images."""
-        count = len(images)
-        if count < self.batch_size:
-            pad = np.zeros(
-                (self.batch_size - count,) + images.shape[1:], images.dtype
-            )
-            images = np.concatenate([images, pad])
-        cdrps, changed = self._run(tf.constant(images))
-        return cdrps.numpy()[:count], changed.numpy()[:count]
-
-
-def image_batches(images, batch_size, input_shape, dtype):
-    """Yields numpy image batches of `batch_size` from an array or dataset."""
-    if isinstance(images, tf.data.Dataset):
-        spec = images.element_spec
-        if isinstance(spec, tuple):
-            images = images.map(lambda x, *_: x)
-            spec = spec[0]
-        if spec.shape.rank == len(input_shape):
-            images = images.unbatch()
-        elif spec.shape.rank != len(input_shape) - 1:
-            raise ValueError(
-                f"Expected images of shape {tuple(input_shape[1:])} (or "
-                f"batches of them). Received: element_spec={spec}"
-            )
-        check_image_shape(spec.shape[-len(input_shape) + 1 :], input_shape)
-        for batch in images.batch(batch_size).as_numpy_iterator():
-            yield batch.astype(dtype, copy=False)
-        return
-    images = np.asarray(images)
-    if images.ndim != len(input_shape):
-        raise ValueError(
-            f"Expected an array of images of shape (N,) + "
-            f"{tuple(input_shape[1:])}. Received: shape={images.shape}"
-        )
-    check_image_shape(images.shape[1:], input_shape)
-    for start in range(0, len(images), batch_size):
-        yield images[start : start + batch_size].astype(dtype, copy=False)
-
-
-def check_image_shape(shape, input_shape):
-    expected = tuple(input_shape[1:])
-    shape = tuple(shape)
-    if len(shape) != len(expected) or any(
-        e is not None and s is not None and e != s
-        for s, e in zip(shape, expected)
-    ):
-        raise ValueError(
-            f"Images must have the model's input shape {expected}. "
-            f"Received: image shape {shape}. Resize them first, e.g. "
-            "`ds.map(lambda x, y: (keras.ops.image.resize(x, size), y))`."
-        )
-
-
-def model_input_shape(model):
-    if len(model.inputs) != 1:
-        raise ValueError(
-            f"Model '{model.name}' has {len(model.inputs)} inputs; gate "
-            "fitting needs a classifier with one image input."
-        )
-    return tuple(model.inputs[0].shape), model.inputs[0].dtype
 
 
 def cdrp(
@@ -437,7 +343,7 @@ def cdrp(
             clip=clip,
             on_top1_change=on_top1_change,
         )
-    run = BatchFitter(fitter, batch_size, strategy, jit_compile)
+    run = BatchRunner(fitter.fit_batch, batch_size, strategy, jit_compile)
     progbar = Progress(None, verbose)
     results = []
     for batch in image_batches(images, run.batch_size, input_shape, dtype):
@@ -449,26 +355,3 @@ def cdrp(
     return np.concatenate(results)
 
 
-class Progress:
-    """A `keras.utils.Progbar` counting images, with images/s."""
-
-    def __init__(self, target, verbose):
-        self.done = 0
-        self._start = time.perf_counter()
-        self._bar = (
-            keras.utils.Progbar(
-                target, unit_name="image", stateful_metrics=["images/s"]
-            )
-            if verbose
-            else None
-        )
-
-    def add(self, count):
-        self.done += count
-        if self._bar is not None:
-            rate = self.done / max(time.perf_counter() - self._start, 1e-9)
-            self._bar.update(self.done, values=[("images/s", rate)])
-
-    def finish(self):
-        if self._bar is not None and self._bar.target is None:
-            self._bar.update(self.done, finalize=True)

@@ -8,9 +8,9 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_drnet.batching import model_input_shape
 from keras_drnet.channel_flow import running_costs
 from keras_drnet.channel_gate import per_sample_gates
-from keras_drnet.gate_fitting import model_input_shape
 
 
 @dataclasses.dataclass
@@ -85,6 +85,7 @@ class SubtaskReport:
         ax.bar(x, totals, color="#6fa8dc", label="channels")
         ax.bar(x, kept, color="#ea9999", label="running channels")
         ax.set_xticks(x, names, rotation=90, fontsize=7)
+        ax.set_xlabel("gated layer (input to output)")
         ax.set_ylabel("channels")
         ax.set_title(
             f"{'-'.join(self.classes)}: {self.running_channels:.0%} channels,"
@@ -102,22 +103,24 @@ _PREDICTIONS = weakref.WeakKeyDictionary()
 
 
 def _predictions(sub, dtype):
-    """`images -> (top-1 with all channels, top-1 of the sub-task)`."""
-    if sub not in _PREDICTIONS:
-        gates = sub._gates
-        ones = [ops.ones((1, gate.channels)) for gate in gates]
+    """`images -> (top-1 of the full network, top-1 of the sub-task)`."""
+    full_logits, full_gates = sub._full_network()
+    cached = _PREDICTIONS.get(sub)
+    if cached is not None and cached[0] is full_logits:
+        return cached[1]
+    ones = [ops.ones((1, gate.channels)) for gate in full_gates]
 
-        @tf.function
-        def predict(images):
-            images = ops.cast(images, dtype)
-            batch = ops.shape(images)[0]
-            tiled = [ops.tile(o, [batch, 1]) for o in ones]
-            with per_sample_gates(gates, tiled):
-                full = sub(images)
-            return ops.argmax(full, -1), ops.argmax(sub(images), -1)
+    @tf.function
+    def predict(images):
+        images = ops.cast(images, dtype)
+        batch = ops.shape(images)[0]
+        tiled = [ops.tile(o, [batch, 1]) for o in ones]
+        with per_sample_gates(full_gates, tiled):
+            full = sub.masked_softmax(full_logits(images, training=False))
+        return ops.argmax(full, -1), ops.argmax(sub(images), -1)
 
-        _PREDICTIONS[sub] = predict
-    return _PREDICTIONS[sub]
+    _PREDICTIONS[sub] = (full_logits, predict)
+    return predict
 
 
 def evaluate_subtask(sub, ds, batch_size=256):

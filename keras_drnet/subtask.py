@@ -7,13 +7,14 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_drnet.batching import labelled_elements
+from keras_drnet.batching import model_input_shape
+from keras_drnet.calibration import batchnorm_layers
 from keras_drnet.calibration import calibrate_batchnorm
 from keras_drnet.civ import CIVs
 from keras_drnet.civ import gate_layout
-from keras_drnet.civ import labelled_elements
 from keras_drnet.civ import model_fingerprint
 from keras_drnet.gate_fitting import gated
-from keras_drnet.gate_fitting import model_input_shape
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
 from keras_drnet.reconstruction import combine
@@ -97,6 +98,18 @@ class SubtaskModel(keras.Model):
             initializer="zeros",
             trainable=False,
             name="class_mask",
+        )
+        # The BatchNorm statistics the sub-task was built with, so that the
+        # full network stays the original one after `calibrate()`.
+        self._batchnorms = batchnorm_layers(gated_model)
+        statistics = _statistics(self._batchnorms)
+        self.reference_statistics = self.add_weight(
+            shape=(sum(len(v) for v in statistics),),
+            initializer=keras.initializers.Constant(
+                np.concatenate(statistics) if statistics else 0.0
+            ),
+            trainable=False,
+            name="reference_statistics",
         )
         self.cciv = None
         self.set_classes(
@@ -206,6 +219,27 @@ class SubtaskModel(keras.Model):
         self.calibrated_for = list(self.cciv.classes)
         return names
 
+    def _full_network(self):
+        """The paper's full net, as a logits model and its gates to open.
+
+        This sub-task's own network unless its BatchNorm statistics were
+        recalibrated since it was built; then a copy with the original ones.
+        """
+        reference = ops.convert_to_numpy(self.reference_statistics)
+        current = _statistics(self._batchnorms)
+        if not current or np.array_equal(np.concatenate(current), reference):
+            return self._logits_model, self._gates
+        copy = keras.models.clone_model(self.gated_model)
+        copy.set_weights(self.gated_model.get_weights())
+        splits = np.cumsum([len(v) for v in current])[:-1]
+        variables = [
+            v for bn in batchnorm_layers(copy)
+            for v in (bn.moving_mean, bn.moving_variance)
+        ]
+        for variable, value in zip(variables, np.split(reference, splits)):
+            variable.assign(value)
+        return split_softmax(copy)[0], [s.layer for s in list_gates(copy)]
+
     def live_elements(self, ds):
         """The unbatched `(image, label)` elements of the sub-task's classes."""
         input_shape, _ = model_input_shape(self.gated_model)
@@ -284,6 +318,14 @@ class SubtaskModel(keras.Model):
             self.civs.top1_changed,
         )
         self.set_classes(self.classes)
+
+
+def _statistics(batchnorms):
+    return [
+        ops.convert_to_numpy(v)
+        for bn in batchnorms
+        for v in (bn.moving_mean, bn.moving_variance)
+    ]
 
 
 def _civs_config(civs):

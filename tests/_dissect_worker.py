@@ -5,7 +5,7 @@ Usage: python _dissect_worker.py --model M.keras --data D.npz
 
 The images come from a generator that can sleep before each element, so a
 run lasts long enough to be killed mid-way. The worker counts the images it
-actually fits (wrapping `BatchFitter.__call__`, instrumentation only) and
+actually fits (wrapping `BatchRunner.__call__`, instrumentation only) and
 writes `R.npz` (the CIVs) and `R.npz.json` (the count) only at the very end.
 """
 
@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_drnet as kd  # noqa: E402
-from keras_drnet import gate_fitting  # noqa: E402
+from keras_drnet import batching  # noqa: E402
 
 
 def main():
@@ -37,13 +37,13 @@ def main():
     args = parser.parse_args()
 
     fitted = [0]
-    original_call = gate_fitting.BatchFitter.__call__
+    original_call = batching.BatchRunner.__call__
 
-    def counting_call(self, images):
+    def counting_call(self, images, labels=None):
         fitted[0] += len(images)
-        return original_call(self, images)
+        return original_call(self, images, labels)
 
-    gate_fitting.BatchFitter.__call__ = counting_call
+    batching.BatchRunner.__call__ = counting_call
 
     model = keras.saving.load_model(args.model)
     with np.load(args.data) as data:

@@ -154,3 +154,41 @@ def test_empty_calibration_set_is_refused(chain_sub, x):
     _, sub = chain_sub
     with pytest.raises(ValueError, match="`images` is empty"):
         sub.calibrate(x[:0])
+
+
+def test_full_net_accuracy_stays_the_original_models_after_calibration(
+    x, tmp_path
+):
+    model = sm.bn_chain()
+    # Put the cat/dog boundary through the middle of the images, so that
+    # other BatchNorm statistics flip some of the network's choices.
+    logits = sm.reference_logits(model, x)
+    head = model.get_layer("head")
+    bias = keras.ops.convert_to_numpy(head.bias).copy()
+    bias[0] -= np.median(logits[:, 0] - logits[:, 1])
+    head.bias.assign(bias)
+    civs = sm.hand_civs(model, np.random.default_rng(1))
+    sub = kd.subtask(model, civs, ["cat", "dog"], budget=0.5)
+    # Labels: the original network's own cat/dog choice, so its accuracy is 1.
+    labels = np.argmax(sm.reference_logits(model, x)[:, :2], -1)
+    assert 0 < labels.mean() < 1
+    before = kd.evaluate_subtask(sub, (x, labels))
+    assert before.full_net_accuracy == 1.0
+    sub.calibrate(x)
+    # The test can fail: the recalibrated full network predicts otherwise.
+    for gate in sub._gates:
+        gate.set_gate(np.ones(gate.channels))
+    recalibrated = sub.gated_model.predict(x, verbose=0)[:, :2].argmax(-1)
+    assert np.mean(recalibrated == labels) < 0.9
+    sub.set_classes(["cat", "dog"])
+
+    after = kd.evaluate_subtask(sub, (x, labels))
+    assert after.full_net_accuracy == 1.0
+    sub_net = np.argmax(sub.predict(x, verbose=0), -1)
+    assert after.sub_net_accuracy == pytest.approx(np.mean(sub_net == labels))
+    # The original statistics travel with a saved sub-task.
+    sub.save(tmp_path / "calibrated.keras")
+    loaded = keras.models.load_model(tmp_path / "calibrated.keras")
+    reloaded = kd.evaluate_subtask(loaded, (x, labels))
+    assert reloaded.full_net_accuracy == 1.0
+    assert reloaded.sub_net_accuracy == pytest.approx(after.sub_net_accuracy)

@@ -35,7 +35,7 @@ BUDGETS = {
     # channel must be open both before and after it): see
     # test_mobilenet_sub_task_with_every_path_cut_compacts_to_a_constant.
     "MobileNetV2": (0.3, 0.5, 0.7),
-    "DenseNet121": (0.1, 0.3, 0.7),
+    "DenseNet121": (0.1, 0.7),  # the slowest model: two budgets
 }
 ARCHS = list(BUDGETS)
 

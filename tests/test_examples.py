@@ -1,6 +1,9 @@
-"""The examples run end to end (in their quick modes)."""
+"""The examples run end to end (in their quick modes), and the quickstart
+meets a newcomer well: bad flags and a missing dataset end in one line."""
 
+import importlib.util
 import os
+import socket
 import subprocess
 import sys
 
@@ -83,9 +86,86 @@ def test_paper_cifar_quick_mode_writes_tables_and_plots(tmp_path):
 @pytest.mark.slow
 def test_recipe_study_quick_mode_writes_the_frontier(tmp_path):
     _run_example("recipe_study.py", f"--output_dir={tmp_path}",
-                 "--recipes=keep_best + BN", "--finetune_budgets=0.11")
+                 "--recipes=keep_best + BN,taylor + BN,L1-norm + BN",
+                 "--finetune_budgets=0.11")
     tag = "vgg16_w0.5_quick"
     text = (tmp_path / f"{tag}_recipes.md").read_text()
-    assert "| keep_best + BN | 0.15 |" in text
+    for recipe in ("keep_best + BN", "taylor + BN", "L1-norm + BN"):
+        assert f"| {recipe} | 0.15 |" in text
+    assert "## Lossless points" in text
     assert "| keep_best + BN + 1 epoch fine-tune | 0.11 |" in text
     assert _is_png(tmp_path / f"{tag}_recipes.png")
+
+
+def _quickstart_in_a_fresh_process(*flags):
+    """Runs the quickstart's `main` with `flags` in a new interpreter.
+
+    Returns its exit code, its stderr, and whether TensorFlow was imported
+    by then (a bad flag must be reported before that slow import).
+    """
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['quickstart.py', *{list(flags)!r}]\n"
+        "try:\n"
+        "    runpy.run_path('examples/quickstart.py', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "print('TF loaded:', 'tensorflow' in sys.modules)\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=sm.env_with_tfds(),
+        capture_output=True, text=True, timeout=120,
+    )
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--classes=cat,cow", "unknown class 'cow'"),
+        ("--classes=cat,cat", "two or more distinct class names"),
+        ("--budget=1.5", "--budget must be in (0, 1]"),
+        ("--threshold=-1", "--threshold must be a number >= 0"),
+        ("--samples_per_class=0", "--samples_per_class must be at least 1"),
+    ],
+)
+def test_quickstart_refuses_a_bad_flag_in_one_line_before_any_work(
+    flag, message
+):
+    code, stdout, stderr = _quickstart_in_a_fresh_process(flag)
+    assert code != 0
+    assert stderr.strip().count("\n") == 0, stderr  # one line, no traceback
+    assert message in stderr and flag in stderr
+    assert "TF loaded: False" in stdout
+
+
+def test_quickstart_help_answers_without_loading_tensorflow():
+    _, stdout, _ = _quickstart_in_a_fresh_process("--help")  # absl exits 1
+    assert "--classes" in stdout and "--budget_scope" in stdout
+    assert "TF loaded: False" in stdout
+
+
+def test_quickstart_without_data_or_network_ends_in_one_clear_message(
+    tmp_path, monkeypatch
+):
+    """tfds's real download path runs (it needs `importlib_resources`, a
+    dependency of ours for that reason) and fails for want of a network."""
+    from tensorflow_datasets.core.download import downloader
+
+    spec = importlib.util.spec_from_file_location(
+        "quickstart", os.path.join(ROOT, "examples", "quickstart.py")
+    )
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # fail at once
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.load_cifar10(data_dir=str(tmp_path))
+    message = exit_info.value.code
+    assert "Could not download CIFAR-10" in message
+    assert "TFDS_DATA_DIR" in message and "\n" not in message

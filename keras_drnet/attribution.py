@@ -1,0 +1,141 @@
+"""Per-image channel importance without fitting: activation, FRAT, Taylor."""
+
+import contextlib
+
+import tensorflow as tf
+from keras import ops
+
+from keras_drnet.model_surgery import list_gates
+from keras_drnet.model_surgery import split_softmax
+
+# `"cdrp"` (gate fitting, `keras_drnet.GateFitter`) is the paper's method;
+# the others read the network once per image.
+METHODS = ("cdrp", "activation", "frat", "taylor")
+
+
+def check_method(method):
+    if method not in METHODS:
+        raise ValueError(
+            f"`method` must be one of {list(METHODS)}. Received: "
+            f"method={method!r}"
+        )
+
+
+class Attribution:
+    """Channel scores of every image from one pass through a gated model.
+
+    Each gate's input (a post-ReLU feature map `a`, all gates open) gives
+    one score per channel and image, averaged over the spatial positions
+    `m` of the map (a Dense layer's output has one position):
+
+    - `"activation"`: `mean_m a` (one forward pass);
+    - `"frat"` (CNN LEGO's feature-route attribution, its first step):
+      `mean_m max(0, d p_y / d a_m)`, the positive part of the derivative of
+      the probability of class `y` (softmax of the logits) w.r.t. the map;
+    - `"taylor"` (first-order Taylor importance, Molchanov et al. 2017):
+      `|mean_m a_m * d log p_y / d a_m|`.
+
+    `y` is the image's label when one is given (the class whose importance
+    vector the image joins), else (or where it is -1) the model's top-1. A gate called at
+    several call sites (a shared nested model) gets the mean of its sites.
+
+    Args:
+        gated_model: a model returned by `keras_drnet.inject_gates()`.
+        method: `"activation"`, `"frat"` or `"taylor"`.
+    """
+
+    def __init__(self, gated_model, method):
+        if method not in METHODS or method == "cdrp":
+            raise ValueError(
+                "`method` must be one of ['activation', 'frat', 'taylor'] "
+                f"(`GateFitter` computes 'cdrp'). Received: method={method!r}"
+            )
+        self.gated_model = gated_model
+        self.method = method
+        self._logits_model, _ = split_softmax(gated_model)
+        self._gates = [spec.layer for spec in list_gates(gated_model)]
+        if not self._gates:
+            raise ValueError(
+                f"Model '{gated_model.name}' has no `ChannelGate`. Pass the "
+                "model returned by `keras_drnet.inject_gates(model)`."
+            )
+
+    @property
+    def total_channels(self):
+        return sum(gate.channels for gate in self._gates)
+
+    def fit_batch(self, images, labels=None):
+        """`(scores [batch, total], top1_changed [batch])` of a batch.
+
+        Nothing is fitted, so no top-1 ever changes: the flags are all
+        False (the same return value as `GateFitter.fit_batch`).
+        """
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            with _recorded_inputs(self._gates, tape) as features:
+                logits = ops.cast(
+                    self._logits_model(images, training=False), "float32"
+                )
+            top1 = ops.argmax(logits, axis=-1)
+            if labels is None:
+                labels = top1
+            # -1: no label given (or a padding row).
+            labels = ops.where(ops.greater_equal(labels, 0), labels, top1)
+            picked = ops.one_hot(ops.cast(labels, "int32"), logits.shape[-1])
+            if self.method == "frat":
+                target = ops.sum(ops.softmax(logits) * picked)
+            else:
+                target = ops.sum(ops.log_softmax(logits) * picked)
+        maps = [a for gate in self._gates for a in features[id(gate)]]
+        if self.method == "activation":
+            grads = [None] * len(maps)
+        else:
+            grads = tape.gradient(target, maps)
+        scores, index = [], 0
+        for gate in self._gates:
+            sites = []
+            for _ in features[id(gate)]:
+                sites.append(self._score(maps[index], grads[index], gate))
+                index += 1
+            scores.append(ops.mean(ops.stack(sites), axis=0))
+        changed = ops.zeros((ops.shape(images)[0],), "bool")
+        return ops.concatenate(scores, axis=1), changed
+
+    def _score(self, a, grad, gate):
+        a = ops.cast(a, "float32")
+        rank = len(a.shape)
+        axis = gate.axis % rank
+        spatial = [i for i in range(1, rank) if i != axis]
+
+        def mean(x):
+            return ops.mean(x, axis=spatial) if spatial else x
+
+        if self.method == "activation":
+            return mean(a)
+        grad = ops.cast(grad, "float32")
+        if self.method == "frat":
+            return mean(ops.relu(grad))
+        return ops.abs(mean(a * grad))
+
+
+@contextlib.contextmanager
+def _recorded_inputs(gates, tape):
+    """While a model is called, every gate passes its input through and
+    records it (watched by `tape`): `{id(gate): [input at each call]}`."""
+    records = {id(gate): [] for gate in gates}
+
+    def recording_call(gate):
+        def call(inputs):
+            tape.watch(inputs)
+            records[id(gate)].append(inputs)
+            return inputs
+
+        return call
+
+    try:
+        for gate in gates:
+            # An instance attribute shadows the class's `call` for this run.
+            object.__setattr__(gate, "call", recording_call(gate))
+        yield records
+    finally:
+        for gate in gates:
+            object.__delattr__(gate, "call")

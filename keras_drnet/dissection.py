@@ -1,0 +1,292 @@
+"""`dissect()`: a classifier's per-class Channel Importance Vectors."""
+
+import json
+import os
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_drnet.attribution import Attribution
+from keras_drnet.attribution import check_method
+from keras_drnet.batching import BatchRunner
+from keras_drnet.batching import Progress
+from keras_drnet.batching import is_int
+from keras_drnet.batching import labelled_elements
+from keras_drnet.batching import model_input_shape
+from keras_drnet.civ import CIVs
+from keras_drnet.civ import atomic_savez
+from keras_drnet.civ import gate_layout
+from keras_drnet.civ import model_fingerprint
+from keras_drnet.gate_fitting import GateFitter
+from keras_drnet.gate_fitting import gated
+
+
+class _Checkpoint:
+    """Sums, counts, top-1 changes and position, saved after every batch."""
+
+    def __init__(self, directory, settings):
+        self.path = os.path.join(directory, "dissect_state.npz")
+        self.settings = settings
+        os.makedirs(directory, exist_ok=True)
+
+    def load(self):
+        if not os.path.exists(self.path):
+            return None
+        with np.load(self.path, allow_pickle=False) as data:
+            settings = json.loads(str(data["settings"]))
+            method = settings.get("method", "cdrp")
+            if method != self.settings["method"]:
+                raise ValueError(
+                    f"The checkpoint in {os.path.dirname(self.path)!r} is "
+                    f"of a dissection with method={method!r}; this one has "
+                    f"method={self.settings['method']!r}. Pass "
+                    f"method={method!r} to resume it, or use another "
+                    "`checkpoint_dir`."
+                )
+            if settings != self.settings:
+                raise ValueError(
+                    f"The checkpoint in {os.path.dirname(self.path)!r} was "
+                    "made by a dissection with other settings or another "
+                    f"model ({settings} vs now {self.settings}). Use another "
+                    "`checkpoint_dir` or delete it to start over."
+                )
+            return (data["sums"], data["counts"], data["changed"],
+                    int(data["position"]))
+
+    def save(self, sums, counts, changed, position):
+        atomic_savez(
+            self.path,
+            sums=sums,
+            counts=counts,
+            changed=changed,
+            position=np.array(position),
+            settings=np.array(json.dumps(self.settings)),
+        )
+
+
+def dissect(
+    model,
+    ds,
+    samples_per_class=100,
+    class_names=None,
+    method="cdrp",
+    batch_size=64,
+    iterations=30,
+    learning_rate=0.1,
+    momentum=0.9,
+    gamma=0.05,
+    clip=(0.0, 10.0),
+    on_top1_change="keep_best",
+    select="all",
+    checkpoint_dir=None,
+    strategy=None,
+    jit_compile=False,
+    verbose=1,
+):
+    """Dissects a classifier into per-class Channel Importance Vectors.
+
+    Scores every gated channel on the first `samples_per_class` images of
+    every class (in dataset order) and averages the scores per class. With
+    `method="cdrp"` (the paper) an image's scores are its CDRP, gates fitted
+    for it; the other methods read the network once per image (see
+    `keras_drnet.attribution.Attribution`). Scores are summed as they come,
+    so memory does not grow with the dataset, and reading stops once every
+    class has its images.
+
+    Args:
+        model: a Keras classifier (logits or softmax output) that takes the
+            images of `ds` as they are: apply your preprocessing (e.g.
+            scaling to [0, 1]) to `ds` first.
+        ds: a `tf.data.Dataset` of `(image, label)` pairs or batches of them
+            (integer or one-hot labels), or a tuple `(images, labels)`.
+        samples_per_class: int, or `None` for every image (paper: 100).
+        class_names: list of names, one per model output; defaults to
+            `["0", "1", ...]`.
+        method: how an image's channels are scored: `"cdrp"` (default,
+            fitted gates), `"activation"` (mean post-ReLU activation),
+            `"frat"` (positive gradient of the label's probability) or
+            `"taylor"` (|activation x gradient of its log-probability|). The
+            scale of the last three differs from layer to layer: combine
+            them with `budget=..., budget_scope="gate"` rather than one
+            `threshold`.
+        batch_size: int. Images fitted at once.
+        iterations, learning_rate, momentum, gamma, clip: fitting
+            hyperparameters of `"cdrp"`, defaults from the paper (sec. 4.1);
+            see `GateFitter`.
+        on_top1_change: (`"cdrp"` only) for an image whose top-1 the fitted gates change:
+            `"keep_best"` (default: its last gates that kept the top-1),
+            `"reset"` its gates to 1 (the paper), or `"exclude"` it from its
+            class average.
+            `CIVs.top1_changed` counts these images per class.
+        select: which ReLUs get gates; see `inject_gates()`.
+        checkpoint_dir: str or `None`. If set, progress is saved there after
+            every batch, and a dissection restarted with the same arguments
+            resumes and gives exactly the result of an uninterrupted run
+            (the dataset must yield the same order each time).
+        strategy: a `tf.distribute.Strategy` spreading each batch over its
+            replicas; defaults to the current one.
+        jit_compile: bool. Compile the per-batch step with XLA.
+        verbose: 0 (silent) or 1 (progress bar with images/s).
+
+    Returns:
+        `CIVs`.
+
+    Example:
+
+    ```python
+    ds = tfds.load("cifar10", split="train", as_supervised=True)
+    ds = ds.map(lambda x, y: (tf.cast(x, "float32") / 255.0, y))
+    civs = keras_drnet.dissect(model, ds, class_names=names)
+    ```
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"Expected a `keras.Model`. Received: model of type "
+            f"{type(model).__name__}"
+        )
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(
+            f"`batch_size` must be a positive int. Received: "
+            f"batch_size={batch_size!r}"
+        )
+    if samples_per_class is not None and (
+        not is_int(samples_per_class) or samples_per_class < 1
+    ):
+        raise ValueError(
+            "`samples_per_class` must be a positive int or None (all "
+            f"images). Received: samples_per_class={samples_per_class!r}"
+        )
+    input_shape, dtype = model_input_shape(model)
+    num_classes = model.outputs[0].shape[-1]
+    if class_names is None:
+        class_names = [str(i) for i in range(num_classes)]
+    class_names = list(class_names)
+    if len(class_names) != num_classes or len(set(class_names)) != num_classes:
+        raise ValueError(
+            f"`class_names` must be {num_classes} distinct names, one per "
+            f"output of the model. Received: class_names={class_names}"
+        )
+    elements = labelled_elements(ds, input_shape, num_classes)
+
+    check_method(method)
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        gated_model = gated(model, select)
+        if method == "cdrp":
+            scorer = GateFitter(
+                gated_model,
+                iterations=iterations,
+                learning_rate=learning_rate,
+                momentum=momentum,
+                gamma=gamma,
+                clip=clip,
+                on_top1_change=on_top1_change,
+            )
+        else:
+            scorer = Attribution(gated_model, method)
+    run = BatchRunner(scorer.fit_batch, batch_size, strategy, jit_compile)
+    layout = gate_layout(gated_model)
+    fingerprint = model_fingerprint(model)
+    # Plain Python numbers: the settings are written as JSON.
+    config = {
+        "method": method,
+        "samples_per_class": (
+            None if samples_per_class is None else int(samples_per_class)
+        ),
+        "select": select if isinstance(select, str) else repr(select),
+    }
+    if method == "cdrp":
+        config.update(
+            iterations=scorer.iterations,
+            learning_rate=scorer.learning_rate,
+            momentum=scorer.momentum,
+            gamma=scorer.gamma,
+            clip=list(scorer.clip),
+            on_top1_change=on_top1_change,
+        )
+
+    sums = np.zeros((num_classes, scorer.total_channels), "float64")
+    counts = np.zeros(num_classes, "int64")
+    changed = np.zeros(num_classes, "int64")
+    position = 0
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = _Checkpoint(
+            checkpoint_dir,
+            dict(config, batch_size=int(batch_size), fingerprint=fingerprint),
+        )
+        state = checkpoint.load()
+        if state is not None:
+            sums, counts, changed, position = state
+
+    limit = samples_per_class
+    target = None if limit is None else limit * num_classes
+    progress = Progress(target, verbose)
+    progress.add(int(counts.sum()))
+    # Images taken so far (a resumed run skips them), excluded ones too.
+    selected = counts + (changed if on_top1_change == "exclude" else 0)
+    images, labels = [], []
+
+    def flush():
+        batch_labels = np.asarray(labels)
+        cdrps, top1_changed = run(np.stack(images), batch_labels)
+        used = ~np.isnan(cdrps).any(axis=1)  # "exclude" gives NaN rows
+        np.add.at(sums, batch_labels[used], cdrps[used].astype("float64"))
+        counts[:] += np.bincount(batch_labels[used], minlength=num_classes)
+        changed[:] += np.bincount(
+            batch_labels[top1_changed], minlength=num_classes
+        )
+        if checkpoint is not None:
+            checkpoint.save(sums, counts, changed, position)
+        progress.add(len(images))
+        images.clear()
+        labels.clear()
+
+    for image, label in elements.skip(position).as_numpy_iterator():
+        if limit is not None and selected.min() >= limit:
+            break
+        position += 1
+        label = int(label)
+        if not 0 <= label < num_classes:
+            raise ValueError(
+                f"Label {label} of dataset element {position - 1} is out of "
+                f"range for a model with {num_classes} outputs (0 to "
+                f"{num_classes - 1}). Map labels to class indices first."
+            )
+        if limit is not None and selected[label] >= limit:
+            continue
+        selected[label] += 1
+        images.append(image.astype(dtype, copy=False))
+        labels.append(label)
+        if len(images) == run.batch_size:
+            flush()
+    if images:
+        flush()
+    progress.finish()
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vectors = sums / counts[:, None]
+    civs = CIVs(vectors, class_names, counts, layout, fingerprint, config,
+                changed)
+    short = [
+        f"{n} ({c})"
+        for n, c in zip(class_names, selected)
+        if limit is not None and 0 < c < limit
+    ]
+    if short:
+        warnings.warn(
+            f"Fewer than samples_per_class={limit} images were found for "
+            f"{len(short)} classes; their CIVs average what there was: "
+            f"{', '.join(short)}.",
+            stacklevel=2,
+        )
+    if civs.missing:
+        warnings.warn(
+            f"No image was averaged for classes {civs.missing} (none was "
+            "found, or `on_top1_change='exclude'` excluded them all): their "
+            "CIVs are missing (NaN) and sub-tasks cannot use them.",
+            stacklevel=2,
+        )
+    return civs
