@@ -13,6 +13,9 @@ recipe. Levers, alone and combined:
 - mask-aware BatchNorm recalibration (`calibrate=`, 256 training images of
   the sub-task's classes);
 - a soft CCIV (kept channels scaled by their union CIV instead of 1);
+- mean replacement (`kd.fill_closed_channels`: a closed channel reads as
+  its mean over the sub-task's images, folded into the next layer), alone
+  and before BN recalibration;
 - a short fine-tune of the compacted model (`kd.finetune`, at some budgets);
 - the channel ranking (issue 13): `kd.dissect(method=...)` with CDRP,
   activation, FRAT or Taylor scores, against the class-agnostic rankings a
@@ -45,41 +48,43 @@ from keras_drnet.channel_flow import running_costs  # noqa: E402
 from keras_drnet.civ import gate_layout  # noqa: E402
 from keras_drnet.civ import model_fingerprint  # noqa: E402
 
-# name: (fitting settings, calibrate, soft)
+# name: (fitting settings, calibrate, mask: None, "soft" or "fill")
 RECIPES = {
-    "paper (reset)": ({"on_top1_change": "reset"}, False, False),
-    "exclude": ({"on_top1_change": "exclude"}, False, False),
-    "keep_best": ({"on_top1_change": "keep_best"}, False, False),
+    "paper (reset)": ({"on_top1_change": "reset"}, False, None),
+    "exclude": ({"on_top1_change": "exclude"}, False, None),
+    "keep_best": ({"on_top1_change": "keep_best"}, False, None),
     "keep_best gamma 0.1": (
-        {"on_top1_change": "keep_best", "gamma": 0.1}, False, False),
+        {"on_top1_change": "keep_best", "gamma": 0.1}, False, None),
     "keep_best gamma 0.01": (
-        {"on_top1_change": "keep_best", "gamma": 0.01}, False, False),
+        {"on_top1_change": "keep_best", "gamma": 0.01}, False, None),
     "keep_best T 60": (
-        {"on_top1_change": "keep_best", "iterations": 60}, False, False),
-    "keep_best + BN": ({"on_top1_change": "keep_best"}, True, False),
-    "keep_best + soft": ({"on_top1_change": "keep_best"}, False, True),
-    "keep_best + BN + soft": ({"on_top1_change": "keep_best"}, True, True),
-    "reset + BN": ({"on_top1_change": "reset"}, True, False),
+        {"on_top1_change": "keep_best", "iterations": 60}, False, None),
+    "keep_best + BN": ({"on_top1_change": "keep_best"}, True, None),
+    "keep_best + soft": ({"on_top1_change": "keep_best"}, False, "soft"),
+    "keep_best + BN + soft": ({"on_top1_change": "keep_best"}, True, "soft"),
+    "reset + BN": ({"on_top1_change": "reset"}, True, None),
     # The fitting schedule, judged where a ranking matters: with BN.
     "keep_best T 60 + BN": (
-        {"on_top1_change": "keep_best", "iterations": 60}, True, False),
+        {"on_top1_change": "keep_best", "iterations": 60}, True, None),
     "keep_best lr 0.3 + BN": (
-        {"on_top1_change": "keep_best", "learning_rate": 0.3}, True, False),
+        {"on_top1_change": "keep_best", "learning_rate": 0.3}, True, None),
     "keep_best gamma 0.01 + BN": (
-        {"on_top1_change": "keep_best", "gamma": 0.01}, True, False),
+        {"on_top1_change": "keep_best", "gamma": 0.01}, True, None),
     "keep_best gamma 0.1 + BN": (
-        {"on_top1_change": "keep_best", "gamma": 0.1}, True, False),
+        {"on_top1_change": "keep_best", "gamma": 0.1}, True, None),
     "keep_best gamma 0.002 + BN": (
-        {"on_top1_change": "keep_best", "gamma": 0.002}, True, False),
+        {"on_top1_change": "keep_best", "gamma": 0.002}, True, None),
     "keep_best gamma per layer + BN": (
-        {"on_top1_change": "keep_best", "gamma": "per layer"}, True, False),
+        {"on_top1_change": "keep_best", "gamma": "per layer"}, True, None),
     # The channel ranking (issue 13), judged with BN.
-    "activation + BN": ({"method": "activation"}, True, False),
-    "frat + BN": ({"method": "frat"}, True, False),
-    "taylor + BN": ({"method": "taylor"}, True, False),
-    "L1-norm + BN": ({"baseline": "l1"}, True, False),
-    "BN gamma + BN": ({"baseline": "bn_gamma"}, True, False),
-    "random + BN": ({"baseline": "random"}, True, False),
+    "activation + BN": ({"method": "activation"}, True, None),
+    "frat + BN": ({"method": "frat"}, True, None),
+    "taylor + BN": ({"method": "taylor"}, True, None),
+    "L1-norm + BN": ({"baseline": "l1"}, True, None),
+    "BN gamma + BN": ({"baseline": "bn_gamma"}, True, None),
+    "random + BN": ({"baseline": "random"}, True, None),
+    "keep_best + fill": ({"on_top1_change": "keep_best"}, False, "fill"),
+    "keep_best + fill + BN": ({"on_top1_change": "keep_best"}, True, "fill"),
 }
 
 
@@ -208,11 +213,6 @@ def per_class(ds, count, num_classes=10):
     return {c: np.stack(v) for c, v in chosen.items()}
 
 
-def bn_weights(model):
-    return [(layer, layer.get_weights()) for layer in model._flatten_layers()
-            if isinstance(layer, keras.layers.BatchNormalization)]
-
-
 def pair_accuracy(logits_fn, test, pair):
     """Accuracy on the pair's test images, predicting among its classes."""
     correct = total = 0
@@ -230,32 +230,35 @@ class PairEvaluator:
         self.test, self.train = test, train
         first = [int(i) for i in np.flatnonzero(civs.counts > 0)[:2]]
         self.sub = kd.subtask(model, civs, first, budget=1.0)
-        self.bn = bn_weights(self.sub.gated_model)
+        self.weights = self.sub.gated_model.get_weights()
         self.logits = tf.function(
             lambda x: self.sub._logits_model(x, training=False))
 
     def accuracy(self, pair):
         return pair_accuracy(self.logits, self.test, pair)
 
-    def restore_batchnorm(self):
-        for layer, weights in self.bn:
-            layer.set_weights(weights)
+    def restore(self):
+        """The trained weights back: BN statistics, folded biases."""
+        self.sub.gated_model.set_weights(self.weights)
         self.sub.calibrated_for = None
 
-    def set(self, pair, budget, calibrate, soft):
-        self.restore_batchnorm()
+    def set(self, pair, budget, calibrate, mask):
+        self.restore()
         self.sub.set_classes(list(pair), budget=budget,
                              budget_scope=_SCOPE.value)
-        if soft:
+        if mask == "soft":
             scores = self.sub.cciv.scores
             start = 0
-            for gate, mask in zip(self.sub._gates,
+            for gate, kept in zip(self.sub._gates,
                                   self.sub.cciv.per_gate().values()):
                 stop = start + gate.channels
-                gate.set_gate(mask * scores[start:stop])
+                gate.set_gate(kept * scores[start:stop])
                 start = stop
+        images = np.concatenate([self.train[c] for c in pair])
+        if mask == "fill":
+            kd.fill_closed_channels(self.sub.gated_model, images)
         if calibrate:
-            self.sub.calibrate(np.concatenate([self.train[c] for c in pair]))
+            self.sub.calibrate(images)
 
     def running_params(self, pair):
         mask = np.zeros(self.sub.civs.num_classes, bool)
@@ -314,7 +317,7 @@ def main(_):
     civs_cache = {}
     frontiers, rows, evaluators = {}, [], {}
     for name in _RECIPES.value:
-        fitting, calibrate, soft = RECIPES[name]
+        fitting, calibrate, mask = RECIPES[name]
         key = tuple(sorted(fitting.items()))
         if fitting.get("gamma") == "per layer":
             fitting = dict(fitting, gamma=per_layer_gamma(model))
@@ -344,7 +347,7 @@ def main(_):
             # "exclude" can leave a class without any image, hence no CIV.
             usable = [p for p in pairs if not set(p) & missing]
             for pair in usable:
-                evaluator.set(pair, budget, calibrate, soft)
+                evaluator.set(pair, budget, calibrate, mask)
                 drops.append(full[pair] - evaluator.accuracy(pair))
                 params.append(evaluator.running_params(pair))
             point = summary_point(name, budget, drops, params)
@@ -361,7 +364,7 @@ def main(_):
     key = (("on_top1_change", "reset"),)
     if key in evaluators:
         evaluator = evaluators[key]
-        evaluator.restore_batchnorm()  # a "+ BN" recipe may share it
+        evaluator.restore()  # a "+ BN" recipe may share it
         threshold = cifar_models.PAPER_THRESHOLDS[arch]
         drops, params = [], []
         for pair in pairs:
@@ -377,7 +380,7 @@ def main(_):
     finetuned = []
     best = _FINETUNE_RECIPE.value
     if _FINETUNE.value and best in _RECIPES.value:
-        fitting, calibrate, soft = RECIPES[best]
+        fitting, calibrate, mask = RECIPES[best]
         evaluator = evaluators[tuple(sorted(fitting.items()))]
         train = per_class(train_ds, 16 if quick else 5000)
         epochs = _FINETUNE_EPOCHS.value
@@ -388,7 +391,7 @@ def main(_):
             start = time.time()
             drops, params = [], []
             for pair in pairs:
-                evaluator.set(pair, budget, calibrate, soft)
+                evaluator.set(pair, budget, calibrate, mask)
                 x = np.concatenate([train[c] for c in pair])
                 y = np.concatenate([np.full(len(train[c]), c) for c in pair])
                 order = rng.permutation(len(x))
@@ -413,9 +416,9 @@ def main(_):
     os.makedirs(_OUTPUT.value, exist_ok=True)
     if best in _RECIPES.value:
         # Figure 7 for plane-truck under the best recipe.
-        fitting, calibrate, soft = RECIPES[best]
+        fitting, calibrate, mask = RECIPES[best]
         evaluator = evaluators[tuple(sorted(fitting.items()))]
-        evaluator.set((0, 9), 0.33, calibrate, soft)
+        evaluator.set((0, 9), 0.33, calibrate, mask)
         x = np.concatenate([test[0], test[9]])
         y = np.repeat([0, 9], [len(test[0]), len(test[9])])
         report = kd.evaluate_subtask(evaluator.sub, (x, y))

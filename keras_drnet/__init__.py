@@ -2,6 +2,7 @@
 
 from keras_drnet import model_surgery
 from keras_drnet.calibration import calibrate_batchnorm
+from keras_drnet.calibration import fill_closed_channels
 from keras_drnet.channel_gate import ChannelGate
 from keras_drnet.civ import CIVs
 from keras_drnet.compaction import compact

@@ -108,3 +108,177 @@ def record_statistics(model, layers, images, max_images):
         for layer in layers:
             object.__delattr__(layer, "call")
     return [layer.name for layer in layers]
+
+
+# A constant channel stays the same constant through these.
+_KEEP_CONSTANT = (
+    keras.layers.MaxPooling1D,
+    keras.layers.MaxPooling2D,
+    keras.layers.MaxPooling3D,
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.GlobalMaxPooling3D,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.Identity,
+)
+_CONSUMERS = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Dense,
+    keras.layers.DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D,
+)
+
+
+def fill_closed_channels(gated_model, images, max_images=1024):
+    """Mean replacement: closed channels read as their mean, not as 0.
+
+    Each closed channel of a gate is given its mean activation over
+    `images` (and positions), as the masked network computes it, and that
+    constant is folded into the layers that read it: a Conv/Dense/Depthwise
+    layer reached through pooling, dropout or Flatten gets the constant's
+    contribution `sum_k W[k, c, :] * mean_c` added to its bias, or, without
+    a bias, subtracted from the moving mean of the BatchNormalization that
+    follows it. The gates stay closed, so `keras_drnet.compact()` removes
+    the channels and keeps the fold: the compact model equals the filled
+    masked one. (With "same" padding, positions at the border get the same
+    shift as the interior: the fold, not a constant feature map, is what
+    the filled network computes.) A gate whose output also reaches other
+    layers (a residual add, a concatenation) is left as it is.
+
+    Args:
+        gated_model: a model returned by `keras_drnet.inject_gates()`, with
+            its gates set (e.g. a `SubtaskModel`'s `gated_model`).
+        images: numpy array or `tf.data.Dataset` of images (or `(image,
+            label)` pairs) of the sub-task, preprocessed as the model
+            expects.
+        max_images: int. At most this many images are used.
+
+    Returns:
+        The names of the gates whose closed channels were filled.
+
+    Example:
+
+    ```python
+    keras_drnet.fill_closed_channels(sub.gated_model, cat_dog_images)
+    small = keras_drnet.compact(sub)  # the same outputs
+    ```
+    """
+    nodes, _, _ = flat_nodes(gated_model)
+    readers = {}
+    for flat in nodes:
+        for key in flat.inputs:
+            readers.setdefault(key, []).append(flat)
+    plans = []
+    for flat in nodes:
+        if not isinstance(flat.op, ChannelGate):
+            continue
+        mask = ops.convert_to_numpy(flat.op.gate)
+        closed = mask == 0
+        if closed.any():
+            folds = _folds(readers, flat.outputs[0], len(mask))
+            if folds is not None:
+                plans.append((flat.op, closed, folds))
+    if not plans:
+        return []
+    means = _closed_means(gated_model, [gate for gate, _, _ in plans],
+                          images, max_images)
+    for (gate, closed, folds), mean in zip(plans, means):
+        constant = np.where(closed, mean, 0.0)
+        for consumer, repeat, batchnorm in folds:
+            shift = _shift(consumer, np.tile(constant, repeat))
+            if getattr(consumer, "use_bias", False):
+                consumer.bias.assign(
+                    ops.convert_to_numpy(consumer.bias) + shift)
+            else:
+                batchnorm.moving_mean.assign(
+                    ops.convert_to_numpy(batchnorm.moving_mean) - shift)
+    return [gate.name for gate, _, _ in plans]
+
+
+def _folds(readers, key, channels):
+    """`[(consumer, repeat, batchnorm or None)]` for a gate's output, or
+    None if some path reaches a layer the constant cannot be folded into."""
+    folds, frontier = [], [(key, 1)]
+    while frontier:
+        key, repeat = frontier.pop()
+        for flat in readers.get(key, []):
+            op = flat.op
+            if isinstance(op, _KEEP_CONSTANT):
+                frontier.append((flat.outputs[0], repeat))
+            elif isinstance(op, keras.layers.Flatten):
+                size = int(np.prod(flat.node.output_tensors[0].shape[1:]))
+                frontier.append((flat.outputs[0], repeat * size // channels))
+            elif isinstance(op, _CONSUMERS):
+                batchnorm = None
+                if not op.use_bias:
+                    after = readers.get(flat.outputs[0], [])
+                    if len(after) != 1 or not isinstance(
+                        after[0].op, keras.layers.BatchNormalization
+                    ):
+                        return None
+                    batchnorm = after[0].op
+                folds.append((op, repeat, batchnorm))
+            else:
+                return None
+    return folds
+
+
+def _shift(consumer, constant):
+    """What a constant input (one value per input channel) adds to every
+    output channel of `consumer` away from borders."""
+    kernel = ops.convert_to_numpy(consumer.kernel).astype("float64")
+    # [in, out] (or [in, multiplier]): the kernel summed over its positions.
+    summed = kernel.reshape(-1, *kernel.shape[-2:]).sum(axis=0)
+    if isinstance(consumer, (keras.layers.DepthwiseConv1D,
+                             keras.layers.DepthwiseConv2D)):
+        # Output channel c * multiplier + j reads input channel c only.
+        return (summed * constant[:, None]).reshape(-1)
+    return constant @ summed
+
+
+def _closed_means(gated_model, gates, images, max_images):
+    """Per gate, the mean of its input per channel over `images`, in a
+    pass where each gate already replaces its closed channels by them."""
+    input_shape, dtype = model_input_shape(gated_model)
+    batch = next(image_batches(images, max_images, input_shape, dtype), None)
+    if batch is None or len(batch) == 0:
+        raise ValueError(
+            "`images` is empty: filling closed channels needs images of the "
+            "sub-task's classes."
+        )
+    means = {}
+
+    def filling_call(gate):
+        def call(inputs):
+            x = ops.cast(inputs, "float32")
+            axis = gate.axis % len(x.shape)
+            mean = ops.mean(x, axis=[a for a in range(len(x.shape))
+                                     if a != axis])
+            means[id(gate)] = ops.convert_to_numpy(mean)
+            shape = [1] * len(x.shape)
+            shape[axis] = gate.channels
+            g = ops.reshape(ops.cast(gate.gate, "float32"), shape)
+            filled = x * g + (1.0 - g) * ops.reshape(mean, shape)
+            return ops.cast(filled, inputs.dtype)
+
+        return call
+
+    try:
+        for gate in gates:
+            object.__setattr__(gate, "call", filling_call(gate))
+        gated_model(batch, training=False)
+    finally:
+        for gate in gates:
+            object.__delattr__(gate, "call")
+    return [means[id(gate)] for gate in gates]

@@ -192,3 +192,79 @@ def test_full_net_accuracy_stays_the_original_models_after_calibration(
     reloaded = kd.evaluate_subtask(loaded, (x, labels))
     assert reloaded.full_net_accuracy == 1.0
     assert reloaded.sub_net_accuracy == pytest.approx(after.sub_net_accuracy)
+
+
+def _filled_reference_logits(model, x, masks):
+    """`model`'s logits with each gated layer's closed channels replaced by
+    their mean over `x` and positions (upstream replacements applied)."""
+    h = keras.ops.convert_to_tensor(x)
+    for layer in model.layers[1:]:
+        if layer.name == "head":
+            return keras.ops.convert_to_numpy(
+                keras.ops.matmul(h, layer.kernel) + layer.bias)
+        h = keras.ops.convert_to_numpy(layer(h, training=False))
+        if layer.name in masks:
+            mask = np.asarray(masks[layer.name], "float32")
+            mean = h.reshape(-1, h.shape[-1]).mean(axis=0)
+            h = h * mask + (1 - mask) * mean
+    raise AssertionError("no head")
+
+
+def test_filled_channels_read_as_their_mean():
+    """Valid convolutions and Flatten -> Dense: no border, so the fold is
+    exactly the network that reads a closed channel as its mean."""
+    model = sm.chain_cnn(head="logits")
+    x = np.random.default_rng(2).uniform(0, 1, (16,) + sm.INPUT).astype(
+        "float32")
+    sub = kd.subtask(model, sm.hand_civs(model, np.random.default_rng(3)),
+                     ["cat", "dog"], budget=0.5)
+    masks = sm.source_masks(sub)
+    zero_filled = sub._logits_model.predict(x, verbose=0)
+    assert kd.fill_closed_channels(sub.gated_model, x) == [
+        "conv1_gate", "conv2_gate", "fc1_gate"]
+    filled = sub._logits_model.predict(x, verbose=0)
+    want = _filled_reference_logits(model, x, masks)
+    np.testing.assert_allclose(filled, want, rtol=1e-4, atol=1e-5)
+    assert np.abs(filled - zero_filled).max() > 1e-3  # it did something
+    # The fold survives compaction exactly.
+    small = kd.compact(sub)
+    np.testing.assert_allclose(
+        small.predict(x, verbose=0), sub.predict(x, verbose=0)[:, [0, 1]],
+        rtol=1e-5, atol=1e-6)
+
+
+def test_fold_into_the_batchnorm_after_a_bias_free_conv(x):
+    keras.utils.set_random_seed(4)
+    h = inp = keras.Input((12, 12, 3))
+    for i, filters in enumerate((6, 8), start=1):
+        h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
+                                name=f"conv{i}")(h)
+        h = keras.layers.BatchNormalization(name=f"bn{i}")(h)
+        h = keras.layers.ReLU(name=f"relu{i}")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inp, keras.layers.Dense(len(NAMES), name="head")(h))
+    sub = kd.subtask(model, sm.hand_civs(model, np.random.default_rng(1)),
+                     ["cat", "dog"], budget=0.5)
+    before = sm.bn_stats(sub.gated_model)["bn2"]
+    assert kd.fill_closed_channels(sub.gated_model, x) == [
+        "relu1_gate", "relu2_gate"]
+    after = sm.bn_stats(sub.gated_model)["bn2"]
+    assert not np.array_equal(before[2], after[2])  # the moving mean moved
+    np.testing.assert_array_equal(before[3], after[3])
+    small = kd.compact(sub)
+    np.testing.assert_allclose(
+        small.predict(x, verbose=0), sub.predict(x, verbose=0)[:, [0, 1]],
+        rtol=1e-5, atol=1e-6)
+
+
+def test_gate_feeding_a_residual_add_is_not_filled():
+    import _compaction_models as cm
+
+    model = cm.residual_model()
+    civs = cm.hand_civs(model, np.random.default_rng(0))
+    sub = kd.subtask(model, civs, civs.class_names[:2], budget=0.4)
+    images = np.random.default_rng(0).uniform(
+        0, 1, (8,) + tuple(model.inputs[0].shape[1:])).astype("float32")
+    names = kd.fill_closed_channels(sub.gated_model, images)
+    gates = {spec.name for spec in kd.list_gates(sub.gated_model)}
+    assert set(names) < gates
