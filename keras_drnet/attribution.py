@@ -1,11 +1,10 @@
 """Per-image channel importance without fitting: activation, FRAT, Taylor."""
 
-import contextlib
-
 import tensorflow as tf
 from keras import ops
 
-from keras_drnet.model_surgery import list_gates
+from keras_drnet.model_surgery import calls_replaced
+from keras_drnet.model_surgery import gate_layers
 from keras_drnet.model_surgery import split_softmax
 
 # `"cdrp"` (gate fitting, `keras_drnet.GateFitter`) is the paper's method;
@@ -53,12 +52,7 @@ class Attribution:
         self.gated_model = gated_model
         self.method = method
         self._logits_model, _ = split_softmax(gated_model)
-        self._gates = [spec.layer for spec in list_gates(gated_model)]
-        if not self._gates:
-            raise ValueError(
-                f"Model '{gated_model.name}' has no `ChannelGate`. Pass the "
-                "model returned by `keras_drnet.inject_gates(model)`."
-            )
+        self._gates = gate_layers(gated_model)
 
     @property
     def total_channels(self):
@@ -70,8 +64,18 @@ class Attribution:
         Nothing is fitted, so no top-1 ever changes: the flags are all
         False (the same return value as `GateFitter.fit_batch`).
         """
+        features = {id(gate): [] for gate in self._gates}
+
+        def recording_call(gate):
+            def call(inputs):  # the gate passes its input on, all open
+                tape.watch(inputs)
+                features[id(gate)].append(inputs)
+                return inputs
+
+            return call
+
         with tf.GradientTape(watch_accessed_variables=False) as tape:
-            with _recorded_inputs(self._gates, tape) as features:
+            with calls_replaced(self._gates, recording_call):
                 logits = ops.cast(
                     self._logits_model(images, training=False), "float32"
                 )
@@ -85,18 +89,18 @@ class Attribution:
                 target = ops.sum(ops.softmax(logits) * picked)
             else:
                 target = ops.sum(ops.log_softmax(logits) * picked)
-        maps = [a for gate in self._gates for a in features[id(gate)]]
+        sites = [(g, a) for g in self._gates for a in features[id(g)]]
         if self.method == "activation":
-            grads = [None] * len(maps)
+            grads = [None] * len(sites)
         else:
-            grads = tape.gradient(target, maps)
-        scores, index = [], 0
-        for gate in self._gates:
-            sites = []
-            for _ in features[id(gate)]:
-                sites.append(self._score(maps[index], grads[index], gate))
-                index += 1
-            scores.append(ops.mean(ops.stack(sites), axis=0))
+            grads = tape.gradient(target, [a for _, a in sites])
+        per_gate = {id(gate): [] for gate in self._gates}
+        for (gate, a), grad in zip(sites, grads):
+            per_gate[id(gate)].append(self._score(a, grad, gate))
+        scores = [
+            ops.mean(ops.stack(per_gate[id(gate)]), axis=0)
+            for gate in self._gates
+        ]
         changed = ops.zeros((ops.shape(images)[0],), "bool")
         return ops.concatenate(scores, axis=1), changed
 
@@ -115,27 +119,3 @@ class Attribution:
         if self.method == "frat":
             return mean(ops.relu(grad))
         return ops.abs(mean(a * grad))
-
-
-@contextlib.contextmanager
-def _recorded_inputs(gates, tape):
-    """While a model is called, every gate passes its input through and
-    records it (watched by `tape`): `{id(gate): [input at each call]}`."""
-    records = {id(gate): [] for gate in gates}
-
-    def recording_call(gate):
-        def call(inputs):
-            tape.watch(inputs)
-            records[id(gate)].append(inputs)
-            return inputs
-
-        return call
-
-    try:
-        for gate in gates:
-            # An instance attribute shadows the class's `call` for this run.
-            object.__setattr__(gate, "call", recording_call(gate))
-        yield records
-    finally:
-        for gate in gates:
-            object.__delattr__(gate, "call")

@@ -8,6 +8,7 @@ from keras_drnet.batching import image_batches
 from keras_drnet.batching import model_input_shape
 from keras_drnet.channel_flow import flat_nodes
 from keras_drnet.channel_gate import ChannelGate
+from keras_drnet.model_surgery import calls_replaced
 
 
 def batchnorm_layers(model):
@@ -80,15 +81,11 @@ def record_statistics(model, layers, images, max_images):
     """
     if not layers:
         return []
-    input_shape, dtype = model_input_shape(model)
-    batch = next(image_batches(images, max_images, input_shape, dtype), None)
-    if batch is None or len(batch) == 0:
-        raise ValueError(
-            "`images` is empty: BatchNorm recalibration needs images of the "
-            "sub-task's classes."
-        )
+    batch = _first_batch(model, images, max_images, "BatchNorm recalibration")
 
-    def recording_call(layer, original):
+    def recording_call(layer):
+        original = layer.call
+
         def call(inputs, training=None, mask=None):
             x = ops.cast(inputs, "float32")
             channel_axis = layer.axis % len(x.shape)
@@ -99,15 +96,21 @@ def record_statistics(model, layers, images, max_images):
 
         return call
 
-    try:
-        for layer in layers:
-            # An instance attribute shadows the class's `call` for this run.
-            object.__setattr__(layer, "call", recording_call(layer, layer.call))
+    with calls_replaced(layers, recording_call):
         model(batch, training=False)
-    finally:
-        for layer in layers:
-            object.__delattr__(layer, "call")
     return [layer.name for layer in layers]
+
+
+def _first_batch(model, images, max_images, purpose):
+    """Up to `max_images` of `images` as one numpy batch; never empty."""
+    input_shape, dtype = model_input_shape(model)
+    batch = next(image_batches(images, max_images, input_shape, dtype), None)
+    if batch is None or len(batch) == 0:
+        raise ValueError(
+            f"`images` is empty: {purpose} needs images of the sub-task's "
+            "classes."
+        )
+    return batch
 
 
 # A constant channel stays the same constant through these.
@@ -250,13 +253,8 @@ def _shift(consumer, constant):
 def _closed_means(gated_model, gates, images, max_images):
     """Per gate, the mean of its input per channel over `images`, in a
     pass where each gate already replaces its closed channels by them."""
-    input_shape, dtype = model_input_shape(gated_model)
-    batch = next(image_batches(images, max_images, input_shape, dtype), None)
-    if batch is None or len(batch) == 0:
-        raise ValueError(
-            "`images` is empty: filling closed channels needs images of the "
-            "sub-task's classes."
-        )
+    batch = _first_batch(gated_model, images, max_images,
+                         "Filling closed channels")
     means = {}
 
     def filling_call(gate):
@@ -274,11 +272,6 @@ def _closed_means(gated_model, gates, images, max_images):
 
         return call
 
-    try:
-        for gate in gates:
-            object.__setattr__(gate, "call", filling_call(gate))
+    with calls_replaced(gates, filling_call):
         gated_model(batch, training=False)
-    finally:
-        for gate in gates:
-            object.__delattr__(gate, "call")
     return [means[id(gate)] for gate in gates]

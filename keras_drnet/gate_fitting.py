@@ -13,6 +13,7 @@ from keras_drnet.batching import image_batches
 from keras_drnet.batching import is_int
 from keras_drnet.batching import model_input_shape
 from keras_drnet.channel_gate import per_sample_gates
+from keras_drnet.model_surgery import gate_layers
 from keras_drnet.model_surgery import inject_gates
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
@@ -99,12 +100,7 @@ class GateFitter(keras.Model):
         self.clip = (float(clip[0]), float(clip[1]))
         self.on_top1_change = on_top1_change
         self._logits_model, _ = split_softmax(gated_model)
-        self._gates = [spec.layer for spec in list_gates(gated_model)]
-        if not self._gates:
-            raise ValueError(
-                f"Model '{gated_model.name}' has no `ChannelGate`. Pass the "
-                "model returned by `keras_drnet.inject_gates(model)`."
-            )
+        self._gates = gate_layers(gated_model)
         self._sizes = [gate.channels for gate in self._gates]
         if isinstance(self.gamma, list):
             if len(self.gamma) != len(self._gates):

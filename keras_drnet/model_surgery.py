@@ -1,5 +1,6 @@
 """Put a `ChannelGate` after every ReLU of a Keras model, and list the gates."""
 
+import contextlib
 import dataclasses
 
 import keras
@@ -243,6 +244,34 @@ def list_gates(model):
                     dataclasses.replace(spec, name=f"{op.name}/{spec.name}")
                 )
     return specs
+
+
+def gate_layers(gated_model):
+    """The `ChannelGate` layers of `list_gates()`; an error if there is none."""
+    gates = [spec.layer for spec in list_gates(gated_model)]
+    if not gates:
+        raise ValueError(
+            f"Model '{gated_model.name}' has no `ChannelGate`. Pass the "
+            "model returned by `keras_drnet.inject_gates(model)`."
+        )
+    return gates
+
+
+@contextlib.contextmanager
+def calls_replaced(layers, make_call):
+    """Runs each layer's `make_call(layer)` instead of its `call` inside.
+
+    Keras has no forward hooks: an instance attribute shadows the class's
+    `call` while the context lasts (e.g. to record a layer's input).
+    """
+    try:
+        for layer in layers:
+            object.__setattr__(layer, "call", make_call(layer))
+        yield
+    finally:
+        for layer in layers:
+            if "call" in vars(layer):
+                object.__delattr__(layer, "call")
 
 
 def _is_softmax(op):
