@@ -207,6 +207,13 @@ def trained(arch, width, epochs, seed=0, quick=False, cache_dir=CACHE):
     return model, accuracy, names
 
 
+def loaded(path):
+    """A saved CIFAR-10 classifier, its test accuracy and the class names."""
+    model = keras.models.load_model(path, compile=False)
+    test, names = cifar10("test")
+    return model, test_accuracy(model, test.batch(500)), names
+
+
 def dissected(model, name, samples, quick=False, cache_dir=CACHE, **fitting):
     """`kd.dissect` of CIFAR-10's first `samples` training images per class,
     cached as `{cache_dir}/{name}_civs{samples}_{fitting}.npz`."""

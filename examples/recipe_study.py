@@ -85,6 +85,8 @@ RECIPES = {
     "random + BN": ({"baseline": "random"}, True, None),
     "keep_best + fill": ({"on_top1_change": "keep_best"}, False, "fill"),
     "keep_best + fill + BN": ({"on_top1_change": "keep_best"}, True, "fill"),
+    "taylor + fill": ({"method": "taylor"}, False, "fill"),
+    "taylor + fill + BN": ({"method": "taylor"}, True, "fill"),
 }
 
 
@@ -113,8 +115,8 @@ def baseline_civs(model, kind, names, seed=0):
     """Class-agnostic rankings as CIVs: every class scores a channel alike.
 
     `"l1"`: L1 norm of the channel's filter (summed over the filters that
-    add into it); `"bn_gamma"`: |gamma| of its BatchNormalization layer(s);
-    `"random"`: uniform random scores.
+    add into it); `"bn_gamma"`: |gamma| of its BatchNormalization layer(s),
+    the L1 norm for a gate with none; `"random"`: uniform random scores.
     """
     gated = kd.inject_gates(model)
     rng = np.random.default_rng(seed)
@@ -123,16 +125,18 @@ def baseline_civs(model, kind, names, seed=0):
         if kind == "random":
             scores.append(rng.uniform(size=spec.channels))
             continue
+        producers = _producers(model, spec.source)
+        gammas = [layer for layer in producers
+                  if isinstance(layer, keras.layers.BatchNormalization)]
         score = np.zeros(spec.channels)
-        for layer in _producers(model, spec.source):
-            if kind == "l1" and hasattr(layer, "kernel"):
-                kernel = np.abs(keras.ops.convert_to_numpy(layer.kernel))
-                score += kernel.reshape(-1, spec.channels).sum(0)
-            elif kind == "bn_gamma" and isinstance(
-                    layer, keras.layers.BatchNormalization):
+        if kind == "bn_gamma" and gammas:
+            for layer in gammas:
                 score += np.abs(keras.ops.convert_to_numpy(layer.gamma))
-        if not score.any():
-            raise ValueError(f"No {kind} score for gate {spec.name}.")
+        else:  # "l1", and "bn_gamma" where the gate has no BatchNorm
+            for layer in producers:
+                if hasattr(layer, "kernel"):
+                    kernel = np.abs(keras.ops.convert_to_numpy(layer.kernel))
+                    score += kernel.reshape(-1, spec.channels).sum(0)
         scores.append(score)
     vectors = np.tile(np.concatenate(scores), (len(names), 1))
     return kd.CIVs(vectors, names, np.ones(len(names), "int64"),
@@ -169,6 +173,11 @@ def summary_point(recipe, budget, drops, params):
             "running_params": float(np.mean(params)),
             "drop": float(np.mean(drops)), "max_drop": float(np.max(drops))}
 
+_MODEL = flags.DEFINE_string(
+    "model_path", None,
+    "A trained CIFAR-10 classifier (.keras, inputs in [0, 1]) to study "
+    "instead of --arch, e.g. the quickstart's "
+    "~/.cache/keras_drnet/quickstart_cifar10_v2.keras.")
 _ARCH = flags.DEFINE_enum("arch", "vgg16", ["vgg16", "resnet18",
                                             "mobilenetv2"], "The network.")
 _WIDTH = flags.DEFINE_float(
@@ -300,9 +309,16 @@ def main(_):
     quick = _QUICK.value
     arch = _ARCH.value
     width = _WIDTH.value or cifar_models.DEFAULT_WIDTHS[arch]
-    model, accuracy, names = cifar_models.trained(
-        arch, width, _EPOCHS.value, quick=quick)
-    tag = f"{arch}_w{width:g}" + ("_quick" if quick else "")
+    if _MODEL.value:
+        model, accuracy, names = cifar_models.loaded(_MODEL.value)
+        arch = os.path.splitext(os.path.basename(_MODEL.value))[0]
+        model_key = tag = arch
+    else:
+        model, accuracy, names = cifar_models.trained(
+            arch, width, _EPOCHS.value, quick=quick)
+        tag = f"{arch}_w{width:g}"
+        model_key = f"{tag}_e{_EPOCHS.value}_s0"
+    tag += "_quick" if quick else ""
     stem = _NAME.value or f"{tag}_recipes"
     train_ds, _ = cifar_models.cifar10("train")
     test_ds, _ = cifar_models.cifar10("test")
@@ -327,8 +343,7 @@ def main(_):
             else:
                 start = time.time()
                 civs = cifar_models.dissected(
-                    model, f"{arch}_w{width:g}_e{_EPOCHS.value}_s0", samples,
-                    quick=quick, **fitting)
+                    model, model_key, samples, quick=quick, **fitting)
                 print(f"{name}: CIVs in {time.time() - start:.0f} s")
             print(f"{name}: {civs}")
             civs_cache[key] = civs
@@ -365,7 +380,7 @@ def main(_):
     if key in evaluators:
         evaluator = evaluators[key]
         evaluator.restore()  # a "+ BN" recipe may share it
-        threshold = cifar_models.PAPER_THRESHOLDS[arch]
+        threshold = cifar_models.PAPER_THRESHOLDS.get(arch, 6e-3)
         drops, params = [], []
         for pair in pairs:
             evaluator.sub.set_classes(list(pair), threshold=threshold)
@@ -433,10 +448,10 @@ def main(_):
     if finetuned:
         frontiers[finetuned[0]["recipe"]] = finetuned
     plot(frontiers, os.path.join(_OUTPUT.value, f"{stem}.png"),
-         f"{arch} width {width:g} (test acc {accuracy:.1%}): "
+         f"{tag} (test acc {accuracy:.1%}): "
          f"{len(pairs)} two-class sub-tasks", paper_point)
     lines = [
-        f"# Recipe study: {arch} width {width:g}\n",
+        f"# Recipe study: {tag}\n",
         f"Model test accuracy {accuracy:.2%}; CIVs from {samples} training "
         f"images per class; {len(pairs)} two-class sub-tasks, "
         f"{_TEST.value if not quick else 8} test images per class; drop = "

@@ -4,7 +4,8 @@ Usage: python _dissect_mirrored.py --model M.keras --data D.npz --out O.npz
 
 Splits the CPU into two logical devices before TensorFlow initialises its
 devices (hence a separate process), then runs the same dissection and CDRPs
-on one device and on a `MirroredStrategy` over both, and saves all results.
+on one device and on a `MirroredStrategy` over both (CDRP and the one-pass
+methods), and saves all results.
 """
 
 import argparse
@@ -45,6 +46,12 @@ def main():
     cdrp_mirrored = kd.cdrp(model, x[:13], batch_size=5, strategy=strategy)
     with strategy.scope():
         cdrp_in_scope = kd.cdrp(model, x[:13], batch_size=5)
+    # The one-pass methods, labels sharded with the images.
+    methods = {}
+    for method in ("activation", "frat", "taylor"):
+        for name, kwargs in (("single", {}), ("mirrored", {"strategy": strategy})):
+            methods[f"{method}_{name}"] = kd.dissect(
+                model, (x, y), method=method, **settings, **kwargs).vectors
 
     np.savez(
         args.out,
@@ -57,6 +64,7 @@ def main():
         cdrp_single=cdrp_single,
         cdrp_mirrored=cdrp_mirrored,
         cdrp_in_scope=cdrp_in_scope,
+        **methods,
     )
 
 

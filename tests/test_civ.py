@@ -960,6 +960,11 @@ def test_mirrored_strategy_gives_the_same_civs(data, tmp_path):
     np.testing.assert_allclose(
         results["cdrp_in_scope"], results["cdrp_single"], atol=1e-5
     )
+    for method in ("activation", "frat", "taylor"):
+        np.testing.assert_allclose(
+            results[f"{method}_mirrored"], results[f"{method}_single"],
+            rtol=1e-5, atol=1e-6,
+        )
     # And one device in the subprocess agrees with this process.
     here = kd.dissect(
         data["model"], (x, y), samples_per_class=3, batch_size=5, verbose=0
