@@ -284,9 +284,12 @@ def plot(frontiers, path, title, paper_point=None):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in frontiers.items():
+    colors = plt.cm.tab20(np.linspace(0, 1, 20))  # more lines than tab10
+    for (name, points), color in zip(frontiers.items(), colors[::2].tolist()
+                                     + colors[1::2].tolist()):
         ax.plot([p["running_params"] * 100 for p in points],
-                [p["drop"] * 100 for p in points], "o-", ms=3, label=name)
+                [p["drop"] * 100 for p in points], "o-", ms=3, label=name,
+                color=color)
     if paper_point is not None:
         ax.plot([paper_point["running_params"] * 100],
                 [paper_point["drop"] * 100], "k*", ms=10,
