@@ -35,12 +35,20 @@ class Attribution:
       `|mean_m a_m * d log p_y / d a_m|`.
 
     `y` is the image's label when one is given (the class whose importance
-    vector the image joins), else (or where it is -1) the model's top-1. A gate called at
-    several call sites (a shared nested model) gets the mean of its sites.
+    vector the image joins), else (or where it is -1) the model's top-1. A
+    gate called at several call sites (a shared nested model) gets the mean
+    of its sites. `keras_drnet.dissect(model, ds, method=...)` runs it.
 
     Args:
         gated_model: a model returned by `keras_drnet.inject_gates()`.
         method: `"activation"`, `"frat"` or `"taylor"`.
+
+    Example:
+
+    ```python
+    attribution = Attribution(keras_drnet.inject_gates(model), "taylor")
+    scores, _ = attribution.fit_batch(images, labels)  # [batch, channels]
+    ```
     """
 
     def __init__(self, gated_model, method):
