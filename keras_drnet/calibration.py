@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_drnet.batching import image_batches
 from keras_drnet.batching import model_input_shape
+from keras_drnet.channel_flow import POOLING
 from keras_drnet.channel_flow import flat_nodes
 from keras_drnet.channel_gate import ChannelGate
 from keras_drnet.model_surgery import calls_replaced
@@ -115,18 +116,7 @@ def _first_batch(model, images, max_images, purpose):
 
 # A constant channel stays the same constant through these.
 _KEEP_CONSTANT = (
-    keras.layers.MaxPooling1D,
-    keras.layers.MaxPooling2D,
-    keras.layers.MaxPooling3D,
-    keras.layers.AveragePooling1D,
-    keras.layers.AveragePooling2D,
-    keras.layers.AveragePooling3D,
-    keras.layers.GlobalMaxPooling1D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.GlobalMaxPooling3D,
-    keras.layers.GlobalAveragePooling1D,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.GlobalAveragePooling3D,
+    *POOLING,
     keras.layers.Dropout,
     keras.layers.SpatialDropout1D,
     keras.layers.SpatialDropout2D,
