@@ -6,7 +6,7 @@ report (the paper's Table 1 row), saves the per-layer plot (Figure 7),
 exports a SavedModel and checks the reloaded artifact, and compacts the
 sub-task into a smaller plain Keras model saved as `.keras`.
 
-    python examples/quickstart.py            # ~6 minutes on 2 CPU cores
+    python examples/quickstart.py            # ~10 min on 2 CPU cores, 1 min later
     python examples/quickstart.py --quick    # seconds, for the tests
 
 CIFAR-10 comes through `tfds.load`: downloaded once (about 170 MB) into
