@@ -232,10 +232,7 @@ class SubtaskModel(keras.Model):
         copy = keras.models.clone_model(self.gated_model)
         copy.set_weights(self.gated_model.get_weights())
         splits = np.cumsum([len(v) for v in current])[:-1]
-        variables = [
-            v for bn in batchnorm_layers(copy)
-            for v in (bn.moving_mean, bn.moving_variance)
-        ]
+        variables = _statistic_variables(batchnorm_layers(copy))
         for variable, value in zip(variables, np.split(reference, splits)):
             variable.assign(value)
         return split_softmax(copy)[0], [s.layer for s in list_gates(copy)]
@@ -320,12 +317,12 @@ class SubtaskModel(keras.Model):
         self.set_classes(self.classes)
 
 
+def _statistic_variables(batchnorms):
+    return [v for bn in batchnorms for v in (bn.moving_mean, bn.moving_variance)]
+
+
 def _statistics(batchnorms):
-    return [
-        ops.convert_to_numpy(v)
-        for bn in batchnorms
-        for v in (bn.moving_mean, bn.moving_variance)
-    ]
+    return [ops.convert_to_numpy(v) for v in _statistic_variables(batchnorms)]
 
 
 def _civs_config(civs):

@@ -75,6 +75,17 @@ def build_cnn(logits=False, sequential=False):
     return keras.Model(inp, h, name=name)
 
 
+def first_per_class(labels, k):
+    """Indices (dataset order) of the first `k` images of every class."""
+    taken = np.zeros(NUM_CLASSES, int)
+    chosen = []
+    for i, label in enumerate(labels):
+        if taken[label] < k:
+            taken[label] += 1
+            chosen.append(i)
+    return np.array(chosen)
+
+
 def trained(tmp_path_factory):
     """Trains (once per session) and returns the shared models and data.
 

@@ -67,16 +67,6 @@ def reference_scores(model, image, label, method):
     return np.concatenate(scores)
 
 
-def first_per_class(labels, k):
-    taken = np.zeros(dm.NUM_CLASSES, int)
-    chosen = []
-    for i, label in enumerate(labels):
-        if taken[label] < k:
-            taken[label] += 1
-            chosen.append(i)
-    return np.array(chosen)
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_batched_scores_equal_the_per_image_reference(data, xy, method):
     x, y = xy
@@ -108,7 +98,7 @@ def test_dissect_civ_is_the_mean_of_its_class_reference_scores(
                       class_names=dm.CLASS_NAMES, batch_size=8, verbose=0)
     assert civs.config["method"] == method
     assert civs.layout == kd.CIVs.load(_saved(civs, tmp_path)).layout
-    chosen = first_per_class(y, K)
+    chosen = dm.first_per_class(y, K)
     for c in range(dm.NUM_CLASSES):
         rows = [reference_scores(model, x[i], c, method)
                 for i in chosen if y[i] == c]

@@ -89,17 +89,6 @@ def partial(data, xy):
     return civs, record, first_five
 
 
-def first_per_class(labels, k):
-    """Indices (dataset order) of the first `k` images of every class."""
-    taken = np.zeros(dm.NUM_CLASSES, int)
-    chosen = []
-    for i, label in enumerate(labels):
-        if taken[label] < k:
-            taken[label] += 1
-            chosen.append(i)
-    return np.array(chosen)
-
-
 # ---------------------------------------------------------------------------
 # A CIV is the mean of its class's CDRPs.
 # ---------------------------------------------------------------------------
@@ -108,7 +97,7 @@ def first_per_class(labels, k):
 def test_civ_is_the_mean_of_its_class_cdrps(data, xy, baseline):
     civs, _ = baseline
     x, y = xy
-    chosen = first_per_class(y, K)
+    chosen = dm.first_per_class(y, K)
     assert len(chosen) == K * dm.NUM_CLASSES
     cdrps = kd.cdrp(data["model"], x[chosen], batch_size=BATCH)
     labels = y[chosen]
