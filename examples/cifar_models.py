@@ -209,7 +209,7 @@ def trained(arch, width, epochs, seed=0, quick=False, cache_dir=CACHE):
 
 def loaded(path):
     """A saved CIFAR-10 classifier, its test accuracy and the class names."""
-    model = keras.models.load_model(path, compile=False)
+    model = keras.models.load_model(os.path.expanduser(path), compile=False)
     test, names = cifar10("test")
     return model, test_accuracy(model, test.batch(500)), names
 

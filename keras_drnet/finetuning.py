@@ -1,99 +1,316 @@
-"""A short fine-tune of a compacted sub-task."""
+"""A short fine-tune of a compacted sub-task, from labels or a teacher."""
+
+import math
 
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
+from keras_drnet.batching import check_image_shape
+from keras_drnet.batching import labelled_elements
+from keras_drnet.batching import model_input_shape
 from keras_drnet.calibration import batchnorm_layers
 from keras_drnet.calibration import record_statistics
 from keras_drnet.compaction import ClassSoftmax
 from keras_drnet.compaction import compact
 
 
+class Distiller(keras.Model):
+    """Trains a student's logits toward a teacher's softmax and/or labels.
+
+    The loss of a batch is `(1 - label_weight) * T**2 * KL(teacher_T ||
+    student_T)`, where `_T` is a softmax at temperature `T` (the `T**2`
+    keeps the gradient's scale independent of `T`; Hinton et al. 2015),
+    plus `label_weight` times the cross-entropy with the labels of the
+    images that have one (label `-1`: none). Without a teacher the loss is
+    the cross-entropy alone.
+
+    Args:
+        student: a model returning the logits of the sub-task's classes.
+        teacher: `None`, or a model returning logits of which `columns` are
+            the sub-task's classes, in the student's order.
+        columns: list of int. See `teacher`.
+        temperature: float. The softmax temperature `T`.
+        label_weight: float in [0, 1]. Weight of the hard-label loss.
+        **kwargs: Base model keyword arguments, such as `name`.
+
+    Example:
+
+    ```python
+    distiller = Distiller(student_logits, teacher_logits, [3, 5])
+    distiller.compile(keras.optimizers.SGD(0.01, momentum=0.9))
+    distiller.fit(ds_of_images_and_labels_or_minus_1, epochs=3)
+    ```
+    """
+
+    def __init__(
+        self,
+        student,
+        teacher=None,
+        columns=None,
+        temperature=4.0,
+        label_weight=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.student = student
+        self.teacher = teacher
+        self.columns = columns
+        self.temperature = temperature
+        self.label_weight = label_weight
+
+    def call(self, images, training=False):
+        return self.student(images, training=training)
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        y_pred = ops.cast(y_pred, "float32")
+        known = ops.cast(ops.greater_equal(y, 0), "float32")
+        per_image = keras.losses.sparse_categorical_crossentropy(
+            ops.maximum(y, 0), y_pred, from_logits=True
+        )
+        hard = ops.sum(per_image * known) / ops.maximum(ops.sum(known), 1.0)
+        loss = hard
+        if self.teacher is not None:
+            t = self.temperature
+            target = ops.take(
+                ops.cast(self.teacher(x, training=False), "float32"),
+                self.columns,
+                axis=-1,
+            )
+            log_p = ops.log_softmax(target / t, axis=-1)
+            log_q = ops.log_softmax(y_pred / t, axis=-1)
+            kl = ops.mean(ops.sum(ops.exp(log_p) * (log_p - log_q), -1))
+            w = self.label_weight
+            loss = (1.0 - w) * t * t * kl + w * hard
+        if self.student.losses:
+            loss = loss + ops.sum(self.student.losses)
+        return loss
+
+
 def finetune(
     sub,
     ds,
     epochs=1,
+    distill=False,
+    temperature=4.0,
+    label_weight=0.0,
+    images="subtask",
+    augment=False,
     optimizer=None,
+    learning_rate=0.01,
     batch_size=128,
     shuffle_buffer=10_000,
     calibration_samples=1024,
     verbose="auto",
 ):
-    """Compacts a sub-task and fine-tunes it on its classes' labelled images.
+    """Compacts a sub-task and fine-tunes it, on labels or by distillation.
 
-    BatchNormalization layers train as usual (batch statistics), then their
-    moving statistics are all recomputed on up to `calibration_samples` of
-    the sub-task's images in one inference pass: a short fit leaves the
-    moving averages part-way between the old and the new statistics. On our
-    CIFAR-10 VGG16 (car-deer, 33% of the channels per layer) one epoch
-    without that last step scored 60.7% on test images (93% on the training
-    ones), with it 97.0%; freezing BatchNorm instead left plane-ship at
-    chance.
+    With `distill=True` the teacher is the full network's masked softmax
+    over the sub-task's classes, exactly what the sub-task promises to
+    reproduce (every channel on, the BatchNorm statistics it was built with;
+    `SubtaskModel.full_logits_model()`), and labels become optional.
+
+    The learning rate follows a cosine decay from `learning_rate` to 0 over
+    all steps (unless `optimizer` is given). BatchNormalization layers train
+    as usual (batch statistics), then their moving statistics are all
+    recomputed on up to `calibration_samples` of the sub-task's images in
+    one inference pass: a short fit leaves the moving averages part-way
+    between the old and the new statistics. On our CIFAR-10 VGG16 (car-deer,
+    33% of the channels per layer) one epoch without that last step scored
+    60.7% on test images (93% on the training ones), with it 97.0%.
 
     Args:
         sub: `keras_drnet.SubtaskModel`; not modified.
         ds: `(image, label)` pairs (dataset, batched or not, or a tuple of
-            arrays) with the original model's labels; only the images of
-            the sub-task's classes are used (one extra pass counts them).
-        epochs: int. Passes over those images.
-        optimizer: a `keras.optimizers.Optimizer`; default SGD, learning
-            rate 0.01, momentum 0.9.
+            arrays) with the original model's labels; with `distill=True`
+            also images alone (array or dataset), used as they are.
+        epochs: int. Passes over the images.
+        distill: bool. Learn from the teacher's probabilities (see above).
+        temperature: float > 0. Softmax temperature of the distillation.
+        label_weight: float in [0, 1]. With `distill=True`, the weight of
+            the hard-label loss (on images that have a sub-task label).
+        images: `"subtask"` (default): of labelled `ds`, use only the images
+            of the sub-task's classes; `"all"`: every image (needs
+            `distill=True`: images of other classes have no label here, the
+            teacher still says what the sub-task would answer).
+        augment: `False`; `True` for random horizontal flips and shifts of
+            up to 1/8 of the size (natural images only); or a Keras layer
+            (e.g. a `keras.Sequential` of preprocessing layers) applied to
+            each training batch. Student and teacher see the same images.
+        optimizer: a `keras.optimizers.Optimizer`; default SGD with
+            momentum 0.9 and the cosine schedule above.
+        learning_rate: float. Initial learning rate of the default optimizer.
         batch_size: int.
         shuffle_buffer: int. Size of the shuffle buffer; pass shuffled data
             when the images are large.
         calibration_samples: int. Images for the final BatchNorm statistics.
-        verbose: passed to `Model.fit()`.
+        verbose: passed to `Model.fit()`; 0 is silent.
 
     Returns:
         The fine-tuned compact model (see `keras_drnet.compact()`): outputs
         are the probabilities of the sub-task's classes, in the order named
-        by its `ClassSoftmax` layer; its `history` holds the loss and
-        accuracy of each epoch.
+        by its `ClassSoftmax` layer; its `history` holds the loss (and, for
+        hard labels, the accuracy) of each epoch.
 
     Example:
 
     ```python
-    sub = keras_drnet.subtask(model, civs, ["cat", "dog"], budget=0.33)
-    small = keras_drnet.finetune(sub, train_ds, epochs=1)
+    sub = keras_drnet.subtask(model, civs, ["cat", "dog"], budget=0.33,
+                              budget_scope="gate", calibrate=train_ds)
+    small = keras_drnet.finetune(sub, unlabeled_images, epochs=3,
+                                 distill=True)
     small.export("cat_dog_small")
     ```
     """
-    if int(epochs) < 1:
-        raise ValueError(f"`epochs` must be at least 1. Received: epochs={epochs}")
+    _check_arguments(
+        epochs, distill, temperature, label_weight, images, learning_rate
+    )
     model = compact(sub)
     softmax = next(
         layer for layer in model.layers if isinstance(layer, ClassSoftmax)
     )
     # The compact model's output columns, as the original model's classes.
     columns = [sub.civs.class_names.index(n) for n in softmax.class_names]
-    position = np.full(sub.civs.num_classes, -1, "int64")
-    position[columns] = np.arange(len(columns))
-    position = tf.constant(position)
-    data = sub.live_elements(ds).map(
-        lambda x, y: (x, tf.gather(position, tf.cast(y, tf.int64)))
-    )
+    data, labelled = _elements(sub, ds, columns, keep_all=images == "all")
+    if not labelled and not distill:
+        raise ValueError(
+            "`ds` has images but no labels: pass `(image, label)` pairs, or "
+            "`distill=True` to learn from the full network's answers."
+        )
+    if not labelled and label_weight > 0:
+        raise ValueError(
+            "`label_weight` > 0 needs labels, but `ds` has images alone. "
+            f"Received: label_weight={label_weight}"
+        )
     # Counted once so that Keras knows the epoch length.
     count = int(data.reduce(0, lambda count, _: count + 1))
     if count == 0:
         raise ValueError(
             "`ds` has no image of the sub-task's classes "
-            f"{softmax.class_names}; pass labelled images of those classes."
+            f"{softmax.class_names}; pass images of those classes."
         )
     data = data.apply(tf.data.experimental.assert_cardinality(count))
-    model.compile(
-        optimizer or keras.optimizers.SGD(0.01, momentum=0.9),
-        keras.losses.SparseCategoricalCrossentropy(),
-        metrics=["accuracy"],
+    batches = data.shuffle(shuffle_buffer).batch(batch_size)
+    augment = _augmentation(augment)
+    if augment is not None:
+        batches = batches.map(lambda x, y: (augment(x, training=True), y))
+    if optimizer is None:
+        steps = int(epochs) * math.ceil(count / batch_size)
+        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9)
+    trainer = Distiller(
+        keras.Model(model.input, softmax.input),
+        sub.full_logits_model() if distill else None,
+        columns,
+        temperature,
+        label_weight if distill else 1.0,
     )
-    model.fit(
-        data.shuffle(shuffle_buffer).batch(batch_size).prefetch(2),
+    trainer.compile(optimizer, metrics=None if distill else ["accuracy"])
+    model.history = trainer.fit(
+        batches.prefetch(2),
         epochs=int(epochs),
         shuffle=False,  # done by the dataset
         verbose=verbose,
     )
-    images = data.map(lambda x, y: x).take(calibration_samples)
+    if labelled:
+        data = data.filter(lambda x, y: y >= 0)
     record_statistics(
-        model, batchnorm_layers(model), images, calibration_samples
+        model,
+        batchnorm_layers(model),
+        data.map(lambda x, y: x).take(calibration_samples),
+        calibration_samples,
     )
     return model
+
+
+def _check_arguments(
+    epochs, distill, temperature, label_weight, images, learning_rate
+):
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)):
+        raise TypeError(f"`epochs` must be an int. Received: epochs={epochs!r}")
+    if epochs < 1:
+        raise ValueError(f"`epochs` must be at least 1. Received: epochs={epochs}")
+    for name, value, low, high in (
+        ("temperature", temperature, 0.0, math.inf),
+        ("label_weight", label_weight, 0.0, 1.0),
+        ("learning_rate", learning_rate, 0.0, math.inf),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"`{name}` must be a number. Received: {name}={value!r}"
+            )
+        if not (low <= value <= high) or not math.isfinite(value):
+            raise ValueError(
+                f"`{name}` must be a finite number in [{low}, {high}]. "
+                f"Received: {name}={value}"
+            )
+    if temperature == 0:
+        raise ValueError("`temperature` must be > 0. Received: temperature=0")
+    if images not in ("subtask", "all"):
+        raise ValueError(
+            f'`images` must be "subtask" or "all". Received: images={images!r}'
+        )
+    if images == "all" and not distill:
+        raise ValueError(
+            'images="all" needs `distill=True`: images of classes outside '
+            "the sub-task have no label to learn from, only the teacher's "
+            "answer."
+        )
+
+
+def _elements(sub, ds, columns, keep_all):
+    """Unbatched `(image, column)` elements, column -1 where none; and
+    whether `ds` had labels."""
+    paired = (isinstance(ds, tuple) and len(ds) == 2) or (
+        isinstance(ds, tf.data.Dataset) and isinstance(ds.element_spec, tuple)
+    )
+    if paired:
+        position = np.full(sub.civs.num_classes, -1, "int64")
+        position[columns] = np.arange(len(columns))
+        position = tf.constant(position)
+        if keep_all:
+            input_shape, _ = model_input_shape(sub.gated_model)
+            data = labelled_elements(ds, input_shape, sub.civs.num_classes)
+        else:
+            data = sub.live_elements(ds)
+        return (
+            data.map(lambda x, y: (x, tf.gather(position, tf.cast(y, tf.int64)))),
+            True,
+        )
+    input_shape, _ = model_input_shape(sub.gated_model)
+    if not isinstance(ds, tf.data.Dataset):
+        ds = np.asarray(ds)
+        if ds.ndim != len(input_shape):
+            raise ValueError(
+                "Expected `(image, label)` pairs or an array of images of "
+                f"shape (N,) + {tuple(input_shape[1:])}. Received: "
+                f"shape={ds.shape}"
+            )
+        ds = tf.data.Dataset.from_tensor_slices(ds)
+    spec = ds.element_spec
+    if spec.shape.rank == len(input_shape):
+        ds = ds.unbatch()
+    check_image_shape(spec.shape[-len(input_shape) + 1 :], input_shape)
+    return ds.map(lambda x: (x, tf.constant(-1, tf.int64))), False
+
+
+def _augmentation(augment):
+    if augment is False or augment is None:
+        return None
+    if augment is True:
+        return keras.Sequential(
+            [
+                keras.layers.RandomFlip("horizontal"),
+                keras.layers.RandomTranslation(0.125, 0.125, fill_mode="reflect"),
+            ],
+            name="augmentation",
+        )
+    if not callable(augment):
+        raise TypeError(
+            "`augment` must be a bool or a Keras layer applied to batches of "
+            f"images. Received: augment={augment!r}"
+        )
+    return augment

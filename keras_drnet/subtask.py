@@ -229,13 +229,29 @@ class SubtaskModel(keras.Model):
         current = _statistics(self._batchnorms)
         if not current or np.array_equal(np.concatenate(current), reference):
             return self._logits_model, self._gates
+        copy = self._reference_copy()
+        return split_softmax(copy)[0], [s.layer for s in list_gates(copy)]
+
+    def full_logits_model(self):
+        """A copy of the full network as a logits model: every channel on,
+        the BatchNorm statistics the sub-task was built with (the teacher of
+        `keras_drnet.finetune(..., distill=True)`)."""
+        copy = self._reference_copy()
+        for spec in list_gates(copy):
+            spec.layer.set_gate(np.ones(spec.layer.channels, "float32"))
+        return split_softmax(copy)[0]
+
+    def _reference_copy(self):
+        """A copy of the gated model with the reference statistics."""
         copy = keras.models.clone_model(self.gated_model)
         copy.set_weights(self.gated_model.get_weights())
-        splits = np.cumsum([len(v) for v in current])[:-1]
         variables = _statistic_variables(batchnorm_layers(copy))
-        for variable, value in zip(variables, np.split(reference, splits)):
-            variable.assign(value)
-        return split_softmax(copy)[0], [s.layer for s in list_gates(copy)]
+        if variables:
+            splits = np.cumsum([v.shape[0] for v in variables])[:-1]
+            reference = ops.convert_to_numpy(self.reference_statistics)
+            for variable, value in zip(variables, np.split(reference, splits)):
+                variable.assign(value)
+        return copy
 
     def live_elements(self, ds):
         """The unbatched `(image, label)` elements of the sub-task's classes."""

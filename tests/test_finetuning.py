@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import _subtask_models as sm
 import keras_drnet as kd
+from keras_drnet.finetuning import Distiller
 
 
 def labelled(seed=0, per_class=24):
@@ -85,3 +86,110 @@ def test_bad_arguments_are_refused(sub):
         kd.finetune(sub, (x[y > 1], y[y > 1]), verbose=0)
     with pytest.raises(ValueError, match="Received: epochs=0"):
         kd.finetune(sub, (x, y), epochs=0)
+
+
+def _kl_to_teacher(teacher, small, x):
+    """Mean KL(teacher || student) over `x`, on the student's columns."""
+    names = small.get_layer("class_probabilities").class_names
+    columns = [sm.NAMES.index(n) for n in names]
+    logits = keras.ops.convert_to_numpy(teacher(x))[:, columns]
+    p = sm.masked_softmax(logits, range(len(columns)))
+    q = np.asarray(small.predict(x, verbose=0), "float64")
+    return np.mean(np.sum(p * (np.log(p) - np.log(q)), -1))
+
+
+@pytest.fixture
+def distilled():
+    """A calibrated sub-task of bn_chain and its teacher, written out: an
+    untouched twin of the model (bn_chain's head gives logits)."""
+    model = sm.bn_chain()
+    civs = sm.hand_civs(model, np.random.default_rng(1))
+    x, y = labelled(seed=1)
+    sub = kd.subtask(model, civs, ["dog", "cat"], budget=0.6,
+                     calibrate=(x, y))
+    return sub, sm.bn_chain()
+
+
+def test_distillation_moves_the_student_toward_the_teacher(distilled):
+    sub, teacher = distilled
+    x, y = labelled()
+    cat_dog = x[np.isin(y, [0, 1])]
+    before = _kl_to_teacher(teacher, kd.compact(sub), cat_dog)
+    small = kd.finetune(sub, (x, y), epochs=20, distill=True,
+                        temperature=2.0, batch_size=16, verbose=0)
+    after = _kl_to_teacher(teacher, small, cat_dog)
+    assert after < 0.5 * before, (before, after)
+    loss = small.history.history["loss"]
+    assert loss[-1] < loss[0]
+    assert "accuracy" not in small.history.history
+
+
+def test_full_width_student_with_the_teachers_weights_has_no_loss():
+    model = sm.bn_chain()
+    civs = sm.hand_civs(model, np.random.default_rng(1))
+    x, _ = labelled()
+    sub = kd.subtask(model, civs, ["dog", "cat"], budget=1.0)
+    small = kd.compact(sub)
+    student = keras.Model(small.input,
+                          small.get_layer("class_probabilities").input)
+    columns = [sm.NAMES.index("dog"), sm.NAMES.index("cat")]
+    distiller = Distiller(student, sub.full_logits_model(), columns)
+    loss = distiller.compute_loss(x, np.full(len(x), -1), student(x),
+                                  training=False)
+    assert abs(float(loss)) < 1e-6
+    # And a student that is not the teacher has a loss.
+    wrong = Distiller(student, sub.full_logits_model(), columns[::-1])
+    assert float(wrong.compute_loss(x, np.full(len(x), -1), student(x))) > 1e-3
+
+
+def test_unlabeled_images_work_as_array_or_dataset(distilled):
+    sub, _ = distilled
+    x, y = labelled()
+    cat_dog = x[np.isin(y, [0, 1])]
+    for ds in (cat_dog, tf.data.Dataset.from_tensor_slices(cat_dog).batch(5)):
+        small = kd.finetune(sub, ds, distill=True, batch_size=16,
+                            verbose=0)
+        # 48 images in batches of 16.
+        assert small.history.params["steps"] == 3
+
+
+def test_images_all_uses_every_class_and_calibrates_on_the_subtask(
+        distilled):
+    sub, _ = distilled
+    x, y = labelled()
+    small = kd.finetune(sub, (x, y), distill=True, images="all",
+                        batch_size=16, verbose=0)
+    # 120 images of five classes, not the 48 of cat and dog.
+    assert small.history.params["steps"] == 8
+    cat_dog = x[np.isin(y, [0, 1])]
+    bn = small.get_layer("bn1")
+    features = keras.Model(small.inputs[0], bn.input)
+    values = keras.ops.convert_to_numpy(features(cat_dog))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean),
+                               values.mean(axis=(0, 1, 2)), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_full_logits_model_is_the_original_network_after_calibration(
+        distilled):
+    sub, teacher = distilled
+    x, _ = labelled()
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(sub.full_logits_model()(x)),
+        keras.ops.convert_to_numpy(teacher(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(distill=False), "images but no labels"),
+    (dict(distill=True, label_weight=0.5), "`label_weight` > 0 needs labels"),
+    (dict(distill=False, images="all", labels=True), 'images="all" needs'),
+    (dict(distill=True, temperature=0.0), "temperature"),
+    (dict(distill=True, temperature=float("nan")), "temperature"),
+    (dict(distill=True, label_weight=1.5), "label_weight"),
+    (dict(distill=True, images="others"), "`images` must be"),
+])
+def test_distillation_arguments_are_checked(sub, kwargs, message):
+    x, y = labelled()
+    ds = (x, y) if kwargs.pop("labels", False) else x
+    with pytest.raises(ValueError, match=message):
+        kd.finetune(sub, ds, verbose=0, **kwargs)
