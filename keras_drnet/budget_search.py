@@ -1,0 +1,236 @@
+"""The smallest sub-task that keeps the full network's accuracy."""
+
+import math
+import time
+import warnings
+
+import numpy as np
+import tensorflow as tf
+
+from keras_drnet.batching import labelled_elements
+from keras_drnet.batching import model_input_shape
+from keras_drnet.civ import CIVs
+from keras_drnet.finetuning import finetune as finetune_subtask
+from keras_drnet.reconstruction import resolve_classes
+from keras_drnet.reporting import evaluate_subtask
+from keras_drnet.subtask import subtask
+
+BUDGETS = (0.05, 0.08, 0.11, 0.15, 0.2, 0.25, 0.33, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
+
+
+def smallest_subtask(
+    model,
+    civs,
+    classes,
+    max_drop=0.5,
+    validation_data=None,
+    budgets=BUDGETS,
+    budget_scope="gate",
+    calibrate=None,
+    calibration_samples=512,
+    finetune=None,
+    verbose=1,
+):
+    """Searches the smallest channel budget whose accuracy drop is bounded.
+
+    The drop is the full network's accuracy (masked softmax over `classes`,
+    every channel on) minus the sub-task's, in percentage points, on the
+    images of `classes` in `validation_data`. The search bisects over
+    `budgets`, assuming a larger budget never drops more (true up to the
+    noise of the validation set), so it builds about log2(len(budgets))
+    sub-tasks; every one it built is in the returned table.
+
+    Args:
+        model: the classifier `civs` were dissected from; not modified.
+        civs: `keras_drnet.CIVs` of `model`.
+        classes: list of class names or indices.
+        max_drop: float >= 0. The largest accepted drop, in pp.
+        validation_data: `(image, label)` pairs (dataset or tuple of
+            arrays), held out from dissection, calibration and fine-tuning;
+            its images of `classes` are used (all kept in memory). One
+            image must move the accuracy by at most `max_drop`: it needs at
+            least `100 / max_drop` of them.
+        budgets: increasing fractions of channels to try (see
+            `keras_drnet.combine()`).
+        budget_scope: `"gate"` (default: every layer keeps that fraction) or
+            `"model"`.
+        calibrate, calibration_samples: see `keras_drnet.subtask()`.
+        finetune: `None`, or a dict of `keras_drnet.finetune()` arguments,
+            with at least `"ds"`, e.g. `{"ds": train_ds, "epochs": 3,
+            "distill": True}`: every candidate is compacted, fine-tuned and
+            measured after the fine-tune.
+        verbose: 0 (silent) or 1 (a line per candidate).
+
+    Returns:
+        A tuple `(result, table)`: `result` is the `SubtaskModel` of the
+        smallest budget that met `max_drop` (with `finetune`: its fine-tuned
+        compact model); `table` is a list of dicts, one per budget tried, in
+        budget order: `budget`, `running_params` (and
+        `running_params_fraction`), `running_flops` (and fraction),
+        `accuracy`, `full_net_accuracy`, `drop` (pp), `met` and `seconds`.
+        If no budget meets `max_drop`, the largest is returned with a
+        warning.
+
+    Example:
+
+    ```python
+    sub, table = keras_drnet.smallest_subtask(
+        model, civs, ["cat", "dog"], max_drop=0.5,
+        validation_data=(val_images, val_labels), calibrate=train_ds)
+    for row in table:
+        print(row["budget"], row["running_params_fraction"], row["drop"])
+    ```
+    """
+    max_drop = _checked_max_drop(max_drop)
+    if not isinstance(civs, CIVs):
+        raise TypeError(
+            "`civs` must be `keras_drnet.CIVs` (from `keras_drnet.dissect()` "
+            f"or `CIVs.load()`). Received: {type(civs).__name__}"
+        )
+    indices = resolve_classes(civs, classes)
+    budgets = _checked_budgets(budgets)
+    if finetune is not None and not (
+        isinstance(finetune, dict) and "ds" in finetune
+    ):
+        raise ValueError(
+            "`finetune` must be `None` or a dict of `keras_drnet.finetune()` "
+            'arguments with at least "ds", e.g. {"ds": train_ds, "epochs": '
+            f"3}}. Received: finetune={finetune!r}"
+        )
+    images, labels = _validation_images(
+        model, civs, indices, validation_data, max_drop
+    )
+
+    def measure(budget):
+        start = time.time()
+        sub = subtask(
+            model,
+            civs,
+            classes,
+            budget=budget,
+            budget_scope=budget_scope,
+            calibrate=calibrate,
+            calibration_samples=calibration_samples,
+        )
+        report = evaluate_subtask(sub, (images, labels))
+        result, accuracy = sub, report.sub_net_accuracy
+        if finetune is not None:
+            arguments = {"verbose": 0, **finetune}
+            result = finetune_subtask(sub, **arguments)
+            accuracy = _compact_accuracy(result, civs, images, labels)
+        drop = 100.0 * (report.full_net_accuracy - accuracy)
+        row = {
+            "budget": budget,
+            "running_params": report.running_params,
+            "running_params_fraction": report.running_params_fraction,
+            "running_flops": report.running_flops,
+            "running_flops_fraction": report.running_flops_fraction,
+            "accuracy": accuracy,
+            "full_net_accuracy": report.full_net_accuracy,
+            "drop": drop,
+            # A hair of float slack: a drop of exactly max_drop meets it.
+            "met": drop <= max_drop + 1e-9,
+            "seconds": time.time() - start,
+        }
+        if verbose:
+            print(
+                f"budget {budget:g}: {row['running_params_fraction']:.1%} "
+                f"params, accuracy {accuracy:.2%} (full net "
+                f"{report.full_net_accuracy:.2%}), drop {drop:.2f} pp "
+                f"[{row['seconds']:.0f} s]"
+            )
+        return row, result
+
+    # Bisection: `low` is known to fail (or is -1), `high` assumed to pass.
+    tried = {}
+    low, high = -1, len(budgets) - 1
+    while high - low > 1:
+        middle = (low + high) // 2
+        row, result = measure(budgets[middle])
+        if row["met"]:
+            high = middle
+        else:
+            low, result = middle, None  # never returned: free it
+        tried[middle] = row, result
+    if high not in tried:
+        tried[high] = measure(budgets[high])
+    table = [tried[i][0] for i in sorted(tried)]
+    if not tried[high][0]["met"]:
+        warnings.warn(
+            f"No budget up to {budgets[high]:g} keeps the drop within "
+            f"max_drop={max_drop:g} pp (drop {tried[high][0]['drop']:.2f} pp);"
+            " returning the largest.",
+            stacklevel=2,
+        )
+    return tried[high][1], table
+
+
+def _checked_max_drop(max_drop):
+    if isinstance(max_drop, bool) or not isinstance(
+        max_drop, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(
+            "`max_drop` must be a number of percentage points, e.g. 0.5. "
+            f"Received: max_drop={max_drop!r}"
+        )
+    if not math.isfinite(max_drop) or max_drop < 0:
+        raise ValueError(
+            "`max_drop` must be a finite number of percentage points >= 0, "
+            f"e.g. 0.5. Received: max_drop={max_drop}"
+        )
+    return float(max_drop)
+
+
+def _checked_budgets(budgets):
+    values = [float(b) for b in budgets]
+    if not values or any(
+        not (0 < b <= 1) for b in values
+    ) or values != sorted(set(values)):
+        raise ValueError(
+            "`budgets` must be increasing fractions in (0, 1], e.g. "
+            f"(0.1, 0.25, 0.5, 1.0). Received: budgets={budgets}"
+        )
+    return values
+
+
+def _validation_images(model, civs, indices, validation_data, max_drop):
+    """The validation images of the sub-task's classes, as arrays."""
+    if validation_data is None:
+        raise ValueError(
+            "`validation_data` is required: held-out `(image, label)` pairs "
+            "of the sub-task's classes, to measure the drop on."
+        )
+    input_shape, dtype = model_input_shape(model)
+    live = tf.constant(indices, tf.int64)
+    elements = labelled_elements(validation_data, input_shape, civs.num_classes)
+    elements = elements.filter(
+        lambda x, y: tf.reduce_any(tf.equal(tf.cast(y, tf.int64), live))
+    )
+    images, labels = [], []
+    for x, y in elements.batch(512).as_numpy_iterator():
+        images.append(x.astype(dtype, copy=False))
+        labels.append(y.astype("int64"))
+    labels = np.concatenate(labels) if labels else np.zeros(0, "int64")
+    missing = [civs.class_names[i] for i in indices if not (labels == i).any()]
+    if missing:
+        raise ValueError(
+            f"`validation_data` has no image of {missing}: the drop must be "
+            "measured on images of every class of the sub-task."
+        )
+    needed = math.ceil(100.0 / max_drop) if max_drop > 0 else len(indices)
+    if len(labels) < needed:
+        raise ValueError(
+            f"`validation_data` has {len(labels)} images of the sub-task's "
+            f"classes; measuring a drop of max_drop={max_drop:g} pp needs at "
+            f"least {needed} (one image moves the accuracy by 100 / "
+            f"{len(labels)} = {100 / len(labels):.2g} pp). Pass more images "
+            "or a larger `max_drop`."
+        )
+    return np.concatenate(images), labels
+
+
+def _compact_accuracy(model, civs, images, labels):
+    names = model.get_layer("class_probabilities").class_names
+    columns = np.array([civs.class_names.index(n) for n in names])
+    predicted = np.asarray(model.predict(images, verbose=0)).argmax(-1)
+    return float(np.mean(columns[predicted] == labels))

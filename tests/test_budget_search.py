@@ -1,0 +1,109 @@
+"""Tests for keras_drnet.smallest_subtask: the budget search.
+
+The crafted case: an untrained chain CNN, hand-made CIVs, validation labels
+equal to the full network's own answers (full-net accuracy 100%), and
+budgets over which the drop, computed by brute force with `kd.subtask` and
+`kd.evaluate_subtask`, falls monotonically: the smallest budget within a
+bound is then known, and the search must find it.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import _subtask_models as sm
+import keras_drnet as kd
+
+BUDGETS = (0.1, 0.8, 0.9, 1.0)
+
+
+@pytest.fixture(scope="module")
+def case():
+    model = sm.chain_cnn("logits", seed=0)
+    civs = sm.hand_civs(model, np.random.default_rng(0))
+    x = np.random.default_rng(10).normal(size=(400,) + sm.INPUT)
+    x = x.astype("float32")
+    y = np.argmax(keras.ops.convert_to_numpy(model(x))[:, :2], -1)
+    drops = []
+    for budget in BUDGETS:
+        sub = kd.subtask(model, civs, ["cat", "dog"], budget=budget,
+                         budget_scope="gate")
+        report = kd.evaluate_subtask(sub, (x, y))
+        assert report.full_net_accuracy == 1.0
+        drops.append(100 * (1.0 - report.sub_net_accuracy))
+    # The crafted case's premise: a larger budget never drops more.
+    assert drops == sorted(drops, reverse=True) and drops[-1] == 0.0, drops
+    assert drops[1] > drops[2] > 0, drops
+    return model, civs, x, y, drops
+
+
+@pytest.mark.parametrize("answer", [1, 2, 3])
+def test_search_returns_the_smallest_budget_within_the_bound(case, answer):
+    model, civs, x, y, drops = case
+    weights = [w.copy() for w in model.get_weights()]
+    # A bound halfway between the answer's drop and the next smaller one's.
+    max_drop = (drops[answer] + drops[answer - 1]) / 2
+    sub, table = kd.smallest_subtask(
+        model, civs, ["cat", "dog"], max_drop=max_drop,
+        validation_data=(x, y), budgets=BUDGETS, verbose=0)
+    assert isinstance(sub, kd.SubtaskModel)
+    assert sub.budget == BUDGETS[answer]
+    assert sub.live_class_names == ["cat", "dog"]
+    rows = {row["budget"]: row for row in table}
+    assert rows[BUDGETS[answer]]["met"]
+    np.testing.assert_allclose(rows[BUDGETS[answer]]["drop"], drops[answer])
+    if answer > 0 and BUDGETS[answer - 1] in rows:
+        assert not rows[BUDGETS[answer - 1]]["met"]
+    # Bisection: fewer sub-tasks built than budgets listed.
+    assert len(table) < len(BUDGETS)
+    assert [r["budget"] for r in table] == sorted(rows)
+    for row in table:
+        assert 0 < row["running_params_fraction"] <= 1
+        assert row["full_net_accuracy"] == 1.0
+    # The user's model is not modified.
+    for before, after in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_no_budget_within_the_bound_returns_the_largest_with_a_warning(case):
+    model, civs, x, y, drops = case
+    # Budgets that all drop: the full network is never reached.
+    with pytest.warns(UserWarning, match="No budget up to 0.8"):
+        sub, table = kd.smallest_subtask(
+            model, civs, ["cat", "dog"], max_drop=drops[1] / 2,
+            validation_data=(x, y), budgets=(0.1, 0.8), verbose=0)
+    assert sub.budget == 0.8 and not table[-1]["met"]
+
+
+def test_search_with_a_finetune_measures_the_finetuned_model(case):
+    model, civs, x, y, _ = case
+    small, table = kd.smallest_subtask(
+        model, civs, ["cat", "dog"], max_drop=100.0, validation_data=(x, y),
+        budgets=(0.8, 1.0), finetune={"ds": (x, y), "epochs": 1,
+                                      "learning_rate": 0.0},
+        verbose=0)
+    names = small.get_layer("class_probabilities").class_names
+    columns = np.array([sm.NAMES.index(n) for n in names])
+    predicted = columns[np.asarray(small.predict(x, verbose=0)).argmax(-1)]
+    assert table[0]["budget"] == 0.8
+    np.testing.assert_allclose(table[0]["accuracy"], np.mean(predicted == y))
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(max_drop=-1.0), ValueError, r"max_drop.*Received: max_drop=-1.0"),
+    (dict(max_drop=float("nan")), ValueError, "Received: max_drop=nan"),
+    (dict(max_drop="0.5"), TypeError, "Received: max_drop='0.5'"),
+    (dict(max_drop=True), TypeError, "Received: max_drop=True"),
+    (dict(budgets=(0.5, 0.2)), ValueError, "increasing fractions"),
+    (dict(finetune={"epochs": 3}), ValueError, 'at least "ds"'),
+    (dict(validation_data=None), ValueError, "`validation_data` is required"),
+    (dict(classes=["cat", "bird"]), ValueError, r"no image of \['bird'\]"),
+    (dict(max_drop=0.1), ValueError, "needs at least 1000"),
+])
+def test_bad_arguments_are_refused(case, kwargs, error, message):
+    model, civs, x, y, _ = case
+    arguments = dict(classes=["cat", "dog"], max_drop=0.5,
+                     validation_data=(x, y), verbose=0)
+    arguments.update(kwargs)
+    with pytest.raises(error, match=message):
+        kd.smallest_subtask(model, civs, **arguments)
