@@ -11,6 +11,7 @@ import os
 import time
 
 import keras
+import numpy as np
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "keras_drnet")
 
@@ -236,3 +237,85 @@ def dissected(model, name, samples, quick=False, cache_dir=CACHE, **fitting):
         os.makedirs(cache_dir, exist_ok=True)
         civs.save(path)
     return civs
+
+
+# Shared by the studies (recipe_study, distill_study, civ_vs_random).
+
+
+def per_class(ds, count, num_classes=10):
+    """The first `count` images of each class: `{class: images}`."""
+    chosen = {c: [] for c in range(num_classes)}
+    for image, label in ds.as_numpy_iterator():
+        if len(chosen[int(label)]) < count:
+            chosen[int(label)].append(image)
+        if all(len(v) >= count for v in chosen.values()):
+            break
+    return {c: np.stack(v) for c, v in chosen.items()}
+
+
+def pair_accuracy(logits_fn, test, pair):
+    """Accuracy on the pair's test images, predicting among its classes."""
+    correct = total = 0
+    for position, c in enumerate(pair):
+        logits = np.asarray(logits_fn(test[c]))[:, list(pair)]
+        correct += int((logits.argmax(-1) == position).sum())
+        total += len(logits)
+    return correct / total
+
+
+def _producers(model, source):
+    """The layers that make a gated channel: back from `source` through
+    channelwise layers and residual adds to the convolutions / dense layers,
+    not past another ReLU (an identity shortcut has no filter)."""
+    found, stack, seen = [], [model.get_layer(source)], set()
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        found.append(layer)
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense,
+                              keras.layers.DepthwiseConv2D)):
+            continue
+        if isinstance(layer, keras.layers.ReLU) and len(found) > 1:
+            continue
+        inputs = layer.input if isinstance(layer.input, list) else [layer.input]
+        stack.extend(t._keras_history.operation for t in inputs)
+    return found
+
+
+def baseline_civs(model, kind, names, seed=0):
+    """Class-agnostic rankings as CIVs: every class scores a channel alike.
+
+    `"l1"`: L1 norm of the channel's filter (summed over the filters that
+    add into it); `"bn_gamma"`: |gamma| of its BatchNormalization layer(s),
+    the L1 norm for a gate with none; `"random"`: uniform random scores.
+    """
+    import keras_drnet as kd
+    from keras_drnet.civ import gate_layout
+    from keras_drnet.civ import model_fingerprint
+
+    gated = kd.inject_gates(model)
+    rng = np.random.default_rng(seed)
+    scores = []
+    for spec in kd.list_gates(gated):
+        if kind == "random":
+            scores.append(rng.uniform(size=spec.channels))
+            continue
+        producers = _producers(model, spec.source)
+        gammas = [layer for layer in producers
+                  if isinstance(layer, keras.layers.BatchNormalization)]
+        score = np.zeros(spec.channels)
+        if kind == "bn_gamma" and gammas:
+            for layer in gammas:
+                score += np.abs(keras.ops.convert_to_numpy(layer.gamma))
+        else:  # "l1", and "bn_gamma" where the gate has no BatchNorm
+            for layer in producers:
+                if hasattr(layer, "kernel"):
+                    kernel = np.abs(keras.ops.convert_to_numpy(layer.kernel))
+                    score += kernel.reshape(-1, spec.channels).sum(0)
+        scores.append(score)
+    vectors = np.tile(np.concatenate(scores), (len(names), 1))
+    return kd.CIVs(vectors, names, np.ones(len(names), "int64"),
+                   gate_layout(gated), model_fingerprint(model),
+                   {"method": f"baseline {kind}"})

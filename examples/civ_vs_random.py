@@ -14,8 +14,6 @@ import tensorflow as tf
 
 import cifar_models
 import keras_drnet as kd
-from recipe_study import pair_accuracy
-from recipe_study import per_class
 
 
 def main():
@@ -27,11 +25,11 @@ def main():
                      civs.counts, civs.layout, civs.fingerprint, civs.config)
     train, _ = cifar_models.cifar10("train")
     test_ds, _ = cifar_models.cifar10("test")
-    test = per_class(test_ds, 300)
-    calibration = per_class(train.skip(10_000), 128)
+    test = cifar_models.per_class(test_ds, 300)
+    calibration = cifar_models.per_class(train.skip(10_000), 128)
     base = tf.function(lambda x: model(x, training=False))
     for pair in [(0, 9), (1, 4), (3, 5)]:
-        full = pair_accuracy(base, test, pair)
+        full = cifar_models.pair_accuracy(base, test, pair)
         images = np.concatenate([calibration[c] for c in pair])
         for label, ranking in (("civ", civs), ("random", random)):
             for budget in (0.33, 0.5, 0.75):
@@ -40,10 +38,10 @@ def main():
                                      budget_scope="gate", calibrate=calibrate)
                     logits = tf.function(
                         lambda x, s=sub: s._logits_model(x, training=False))
+                    accuracy = cifar_models.pair_accuracy(logits, test, pair)
                     print(f"{pair} {label:6s} budget {budget:.2f} "
                           f"{'BN' if calibrate is not None else '  '} full "
-                          f"{full:.3f} sub {pair_accuracy(logits, test, pair):.3f}",
-                          flush=True)
+                          f"{full:.3f} sub {accuracy:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,6 @@ from absl import logging  # noqa: E402
 import cifar_models  # noqa: E402
 import keras_drnet as kd  # noqa: E402
 from keras_drnet.channel_flow import running_costs  # noqa: E402
-from keras_drnet.civ import gate_layout  # noqa: E402
-from keras_drnet.civ import model_fingerprint  # noqa: E402
 
 # name: (fitting settings, calibrate, mask: None, "soft" or "fill")
 RECIPES = {
@@ -88,60 +86,6 @@ RECIPES = {
     "taylor + fill": ({"method": "taylor"}, False, "fill"),
     "taylor + fill + BN": ({"method": "taylor"}, True, "fill"),
 }
-
-
-def _producers(model, source):
-    """The layers that make a gated channel: back from `source` through
-    channelwise layers and residual adds to the convolutions / dense layers,
-    not past another ReLU (an identity shortcut has no filter)."""
-    found, stack, seen = [], [model.get_layer(source)], set()
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        found.append(layer)
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense,
-                              keras.layers.DepthwiseConv2D)):
-            continue
-        if isinstance(layer, keras.layers.ReLU) and len(found) > 1:
-            continue
-        inputs = layer.input if isinstance(layer.input, list) else [layer.input]
-        stack.extend(t._keras_history.operation for t in inputs)
-    return found
-
-
-def baseline_civs(model, kind, names, seed=0):
-    """Class-agnostic rankings as CIVs: every class scores a channel alike.
-
-    `"l1"`: L1 norm of the channel's filter (summed over the filters that
-    add into it); `"bn_gamma"`: |gamma| of its BatchNormalization layer(s),
-    the L1 norm for a gate with none; `"random"`: uniform random scores.
-    """
-    gated = kd.inject_gates(model)
-    rng = np.random.default_rng(seed)
-    scores = []
-    for spec in kd.list_gates(gated):
-        if kind == "random":
-            scores.append(rng.uniform(size=spec.channels))
-            continue
-        producers = _producers(model, spec.source)
-        gammas = [layer for layer in producers
-                  if isinstance(layer, keras.layers.BatchNormalization)]
-        score = np.zeros(spec.channels)
-        if kind == "bn_gamma" and gammas:
-            for layer in gammas:
-                score += np.abs(keras.ops.convert_to_numpy(layer.gamma))
-        else:  # "l1", and "bn_gamma" where the gate has no BatchNorm
-            for layer in producers:
-                if hasattr(layer, "kernel"):
-                    kernel = np.abs(keras.ops.convert_to_numpy(layer.kernel))
-                    score += kernel.reshape(-1, spec.channels).sum(0)
-        scores.append(score)
-    vectors = np.tile(np.concatenate(scores), (len(names), 1))
-    return kd.CIVs(vectors, names, np.ones(len(names), "int64"),
-                   gate_layout(gated), model_fingerprint(model),
-                   {"method": f"baseline {kind}"})
 
 
 def lossless_points(rows, tolerance=0.005):
@@ -211,27 +155,6 @@ _NAME = flags.DEFINE_string(
     "name", None, "Output file name stem; default {arch}_w{width}_recipes.")
 
 
-def per_class(ds, count, num_classes=10):
-    """The first `count` images of each class: `{class: images}`."""
-    chosen = {c: [] for c in range(num_classes)}
-    for image, label in ds.as_numpy_iterator():
-        if len(chosen[int(label)]) < count:
-            chosen[int(label)].append(image)
-        if all(len(v) >= count for v in chosen.values()):
-            break
-    return {c: np.stack(v) for c, v in chosen.items()}
-
-
-def pair_accuracy(logits_fn, test, pair):
-    """Accuracy on the pair's test images, predicting among its classes."""
-    correct = total = 0
-    for position, c in enumerate(pair):
-        logits = np.asarray(logits_fn(test[c]))[:, list(pair)]
-        correct += int((logits.argmax(-1) == position).sum())
-        total += len(logits)
-    return correct / total
-
-
 class PairEvaluator:
     """Accuracy and running parameters of a sub-task, pair after pair."""
 
@@ -244,7 +167,7 @@ class PairEvaluator:
             lambda x: self.sub._logits_model(x, training=False))
 
     def accuracy(self, pair):
-        return pair_accuracy(self.logits, self.test, pair)
+        return cifar_models.pair_accuracy(self.logits, self.test, pair)
 
     def restore(self):
         """The trained weights back: BN statistics, folded biases."""
@@ -325,14 +248,16 @@ def main(_):
     stem = _NAME.value or f"{tag}_recipes"
     train_ds, _ = cifar_models.cifar10("train")
     test_ds, _ = cifar_models.cifar10("test")
-    test = per_class(test_ds, 8 if quick else _TEST.value)
-    calibration = per_class(train_ds.skip(10_000), 8 if quick else 128)
+    test = cifar_models.per_class(test_ds, 8 if quick else _TEST.value)
+    calibration = cifar_models.per_class(
+        train_ds.skip(10_000), 8 if quick else 128)
     pairs = list(itertools.combinations(range(10), 2))[: 2 if quick else None]
     budgets = [float(b) for b in _BUDGETS.value][: 2 if quick else None]
     samples = 2 if quick else _SAMPLES.value
 
     base_logits = tf.function(lambda x: model(x, training=False))
-    full = {pair: pair_accuracy(base_logits, test, pair) for pair in pairs}
+    full = {pair: cifar_models.pair_accuracy(base_logits, test, pair)
+            for pair in pairs}
     civs_cache = {}
     frontiers, rows, evaluators = {}, [], {}
     for name in _RECIPES.value:
@@ -342,7 +267,8 @@ def main(_):
             fitting = dict(fitting, gamma=per_layer_gamma(model))
         if key not in civs_cache:
             if "baseline" in fitting:
-                civs = baseline_civs(model, fitting["baseline"], names)
+                civs = cifar_models.baseline_civs(
+                    model, fitting["baseline"], names)
             else:
                 start = time.time()
                 civs = cifar_models.dissected(
@@ -400,7 +326,7 @@ def main(_):
     if _FINETUNE.value and best in _RECIPES.value:
         fitting, calibrate, mask = RECIPES[best]
         evaluator = evaluators[tuple(sorted(fitting.items()))]
-        train = per_class(train_ds, 16 if quick else 5000)
+        train = cifar_models.per_class(train_ds, 16 if quick else 5000)
         epochs = _FINETUNE_EPOCHS.value
         name = f"{best} + {epochs} epoch fine-tune"
         rng = np.random.default_rng(0)

@@ -97,6 +97,23 @@ def test_recipe_study_quick_mode_writes_the_frontier(tmp_path):
     assert _is_png(tmp_path / f"{tag}_recipes.png")
 
 
+@pytest.mark.slow
+def test_distill_study_quick_mode_writes_the_grid_and_the_search(tmp_path):
+    _run_example("distill_study.py", f"--output_dir={tmp_path}",
+                 "--rankings=cdrp,random", "--budgets=0.33")
+    text = (tmp_path / "vgg16_w0.125_quick_distill.md").read_text()
+    for config in ("cdrp, hard", "cdrp, distill", "random, hard",
+                   "random, distill", "scratch (same channels), hard"):
+        assert f"| {config} | 0.33 | 1 | 2 |" in text
+    assert _is_png(tmp_path / "vgg16_w0.125_quick_distill.png")
+    rows = (tmp_path / "vgg16_w0.125_quick_distill_pairs.csv").read_text()
+    assert len(rows.splitlines()) == 1 + 5 * 2  # 5 configs x 2 pairs
+    stdout = _run_example("distill_study.py", f"--output_dir={tmp_path}",
+                          "--rankings=cdrp", "--search_max_drop=20")
+    assert "kd.smallest_subtask(max_drop=20), 2 pairs" in stdout
+    assert (tmp_path / "vgg16_w0.125_quick_distill_search.md").exists()
+
+
 def _quickstart_in_a_fresh_process(*flags):
     """Runs the quickstart's `main` with `flags` in a new interpreter.
 
