@@ -55,6 +55,9 @@ class Distiller(keras.Model):
     ):
         super().__init__(**kwargs)
         self.student = student
+        if teacher is not None:
+            # Only the student learns (the teacher is a sub-layer here).
+            teacher.trainable = False
         self.teacher = teacher
         self.columns = columns
         self.temperature = temperature
@@ -217,10 +220,12 @@ def finetune(
     )
     if labelled:
         data = data.filter(lambda x, y: y >= 0)
+    # Shuffled: the first images of data sorted by class are of one class.
+    images = data.shuffle(shuffle_buffer).map(lambda x, y: x)
     record_statistics(
         model,
         batchnorm_layers(model),
-        data.map(lambda x, y: x).take(calibration_samples),
+        images.take(calibration_samples),
         calibration_samples,
     )
     return model

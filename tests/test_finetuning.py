@@ -193,3 +193,34 @@ def test_distillation_arguments_are_checked(sub, kwargs, message):
     ds = (x, y) if kwargs.pop("labels", False) else x
     with pytest.raises(ValueError, match=message):
         kd.finetune(sub, ds, verbose=0, **kwargs)
+
+
+def test_statistics_come_from_every_class_when_data_is_sorted_by_class(sub):
+    x, y = labelled()
+    keep = np.isin(y, [0, 1])
+    x, y = x[keep], y[keep]  # 24 cats, then 24 dogs
+    small = kd.finetune(sub, (x, y), calibration_samples=24, verbose=0)
+    bn = small.get_layer("bn1")
+    features = keras.Model(small.input, bn.input)
+    cats = keras.ops.convert_to_numpy(features(x[y == 0])).mean(axis=(0, 1, 2))
+    dogs = keras.ops.convert_to_numpy(features(x[y == 1])).mean(axis=(0, 1, 2))
+    mean = keras.ops.convert_to_numpy(bn.moving_mean)
+    # Not the first 24 images' (all cats): a mix of both classes.
+    assert np.abs(mean - cats).max() > 0.1 * np.abs(dogs - cats).max()
+
+
+def test_the_teacher_is_not_trained(distilled):
+    sub, _ = distilled
+    x, _ = labelled()
+    small = kd.compact(sub)
+    student = keras.Model(small.input,
+                          small.get_layer("class_probabilities").input)
+    teacher = sub.full_logits_model()
+    before = [w.copy() for w in teacher.get_weights()]
+    distiller = Distiller(student, teacher, [1, 0])
+    distiller.compile(keras.optimizers.SGD(0.5))
+    distiller.fit(x, np.full(len(x), -1), epochs=2, verbose=0)
+    for b, a in zip(before, teacher.get_weights()):
+        np.testing.assert_array_equal(b, a)
+    assert not all(np.array_equal(b, a) for b, a in zip(
+        [w for w in kd.compact(sub).get_weights()], student.get_weights()))
