@@ -8,6 +8,7 @@ sub-task into a smaller plain Keras model saved as `.keras`.
 
     python examples/quickstart.py            # ~10 min on 2 CPU cores, 1 min later
     python examples/quickstart.py --quick    # seconds, for the tests
+    python examples/quickstart.py --max_drop=0.5   # + the smallest sub-task
 
 CIFAR-10 comes through `tfds.load`: downloaded once (about 170 MB) into
 `~/tensorflow_datasets`, or read offline from `$TFDS_DATA_DIR`.
@@ -62,6 +63,15 @@ _CALIBRATE = flags.DEFINE_boolean(
     "Recalibrate the BatchNorm statistics of the masked network on 512 "
     "training images of the sub-task.",
 )
+_MAX_DROP = flags.DEFINE_float(
+    "max_drop", None,
+    "Also search the smallest sub-task whose accuracy stays within this "
+    "many pp of the full network (kd.smallest_subtask; e.g. 0.5).",
+)
+_FINETUNE_EPOCHS = flags.DEFINE_integer(
+    "finetune_epochs", 1,
+    "With --max_drop: epochs of distillation per candidate (0: none).",
+)
 _CLASSES = flags.DEFINE_list(
     "classes", ["cat", "dog"],
     f"The sub-task: CIFAR-10 class names ({', '.join(CIFAR10_CLASSES)}).",
@@ -95,6 +105,18 @@ def flag_errors():
         errors.append(
             f"--budget must be in (0, 1], the fraction of channels kept. "
             f"Received: --budget={budget}"
+        )
+    max_drop = _MAX_DROP.value
+    if max_drop is not None and not (math.isfinite(max_drop)
+                                     and max_drop >= 0):
+        errors.append(
+            f"--max_drop must be a number of pp >= 0, e.g. 0.5. Received: "
+            f"--max_drop={max_drop}"
+        )
+    if _FINETUNE_EPOCHS.value < 0:
+        errors.append(
+            "--finetune_epochs must be 0 or more. Received: "
+            f"--finetune_epochs={_FINETUNE_EPOCHS.value}"
         )
     for flag in (_EPOCHS, _SAMPLES):
         if flag.value < 1:
@@ -269,6 +291,59 @@ def main(argv):
     )
     if difference > 1e-4:
         raise SystemExit("The compact model disagrees with the sub-task.")
+
+    if _MAX_DROP.value is not None:
+        smallest(model, civs, train, test, names)
+
+
+def smallest(model, civs, train, test, names):
+    """The smallest sub-task within --max_drop pp of the full network.
+
+    The first half of the test split chooses (validation), the second half
+    reports: a figure measured on the images that chose it would flatter.
+    """
+    import numpy as np
+
+    import keras_drnet as kd
+
+    half = int(test.cardinality()) // 2
+    if _QUICK.value:
+        train = train.take(512)
+    validation, held_out = test.take(half), test.skip(half)
+    epochs = _FINETUNE_EPOCHS.value
+    print(f"Searching the smallest {'-'.join(_CLASSES.value)} sub-task "
+          f"within {_MAX_DROP.value:g} pp (calibrated"
+          f"{f', {epochs} epoch(s) of distillation' if epochs else ''}):")
+    result, table = kd.smallest_subtask(
+        model, civs, _CLASSES.value, max_drop=_MAX_DROP.value,
+        validation_data=validation, calibrate=train,
+        finetune={"ds": train, "epochs": epochs, "distill": True}
+        if epochs else None)
+    row = next((r for r in table if r["met"]), table[-1])  # the one returned
+    if epochs:
+        small = result
+    else:
+        small = kd.compact(result)
+    columns = small.get_layer("class_probabilities").class_names
+    wanted = [names.index(c) for c in columns]
+    images, labels = [], []
+    for x, y in held_out.batch(500).as_numpy_iterator():
+        keep = np.isin(y, wanted)
+        images.append(x[keep])
+        labels.append(y[keep])
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    predicted = np.asarray(small.predict(images, verbose=0)).argmax(-1)
+    accuracy = np.mean(np.array(wanted)[predicted] == labels)
+    full = np.asarray(model.predict(images, verbose=0))[:, wanted]
+    full_accuracy = np.mean(np.array(wanted)[full.argmax(-1)] == labels)
+    path = os.path.join(_OUTPUT.value, "smallest.keras")
+    small.save(path)
+    print(
+        f"Smallest: per-gate budget {row['budget']:g}, {small.count_params():,}"
+        f" params ({small.count_params() / model.count_params():.1%} of "
+        f"{model.count_params():,}); on {len(labels)} other test images "
+        f"{accuracy:.2%} vs full net {full_accuracy:.2%}; saved {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import keras
 import pytest
 import tensorflow as tf
 
@@ -40,6 +41,7 @@ def test_quickstart_quick_mode_writes_the_plot_and_the_savedmodel(tmp_path):
         f"--output_dir={out}",
         # Never touch the user's model cache (quick mode should not).
         f"--model_path={tmp_path / 'unused.keras'}",
+        "--max_drop=50",  # a bound that ~50 validation images can resolve
     )
     png = out / "running_channels.png"
     assert _is_png(png)
@@ -55,6 +57,10 @@ def test_quickstart_quick_mode_writes_the_plot_and_the_savedmodel(tmp_path):
         "cat",
         "dog",
     ]
+    # The smallest sub-task within 50 pp, fine-tuned, saved and loadable.
+    assert "Smallest: per-gate budget" in stdout
+    small = keras.models.load_model(out / "smallest.keras")
+    assert small.get_layer("class_probabilities").class_names == ["cat", "dog"]
 
 
 @pytest.mark.slow
@@ -145,6 +151,8 @@ def _quickstart_in_a_fresh_process(*flags):
         ("--budget=1.5", "--budget must be in (0, 1]"),
         ("--threshold=-1", "--threshold must be a number >= 0"),
         ("--samples_per_class=0", "--samples_per_class must be at least 1"),
+        ("--max_drop=-0.5", "--max_drop must be a number of pp >= 0"),
+        ("--finetune_epochs=-1", "--finetune_epochs must be 0 or more"),
     ],
 )
 def test_quickstart_refuses_a_bad_flag_in_one_line_before_any_work(
