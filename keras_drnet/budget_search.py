@@ -15,7 +15,9 @@ from keras_drnet.reconstruction import resolve_classes
 from keras_drnet.reporting import evaluate_subtask
 from keras_drnet.subtask import subtask
 
-BUDGETS = (0.05, 0.08, 0.11, 0.15, 0.2, 0.25, 0.33, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
+BUDGETS = (
+    0.05, 0.08, 0.11, 0.15, 0.2, 0.25, 0.33, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0
+)
 
 
 def smallest_subtask(
@@ -183,9 +185,8 @@ def _checked_max_drop(max_drop):
 
 def _checked_budgets(budgets):
     values = [float(b) for b in budgets]
-    if not values or any(
-        not (0 < b <= 1) for b in values
-    ) or values != sorted(set(values)):
+    in_range = all(0 < b <= 1 for b in values)
+    if not values or not in_range or values != sorted(set(values)):
         raise ValueError(
             "`budgets` must be increasing fractions in (0, 1], e.g. "
             f"(0.1, 0.25, 0.5, 1.0). Received: budgets={budgets}"

@@ -237,7 +237,9 @@ def _check_arguments(
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)):
         raise TypeError(f"`epochs` must be an int. Received: epochs={epochs!r}")
     if epochs < 1:
-        raise ValueError(f"`epochs` must be at least 1. Received: epochs={epochs}")
+        raise ValueError(
+            f"`epochs` must be at least 1. Received: epochs={epochs}"
+        )
     for name, value, low, high in (
         ("temperature", temperature, 0.0, math.inf),
         ("label_weight", label_weight, 0.0, 1.0),
@@ -269,6 +271,7 @@ def _check_arguments(
 def _elements(sub, ds, columns, keep_all):
     """Unbatched `(image, column)` elements, column -1 where none; and
     whether `ds` had labels."""
+    input_shape, _ = model_input_shape(sub.gated_model)
     paired = (isinstance(ds, tuple) and len(ds) == 2) or (
         isinstance(ds, tf.data.Dataset) and isinstance(ds.element_spec, tuple)
     )
@@ -277,15 +280,11 @@ def _elements(sub, ds, columns, keep_all):
         position[columns] = np.arange(len(columns))
         position = tf.constant(position)
         if keep_all:
-            input_shape, _ = model_input_shape(sub.gated_model)
             data = labelled_elements(ds, input_shape, sub.civs.num_classes)
         else:
             data = sub.live_elements(ds)
-        return (
-            data.map(lambda x, y: (x, tf.gather(position, tf.cast(y, tf.int64)))),
-            True,
-        )
-    input_shape, _ = model_input_shape(sub.gated_model)
+        column = lambda x, y: (x, tf.gather(position, tf.cast(y, tf.int64)))
+        return data.map(column), True
     if not isinstance(ds, tf.data.Dataset):
         ds = np.asarray(ds)
         if ds.ndim != len(input_shape):
@@ -309,7 +308,9 @@ def _augmentation(augment):
         return keras.Sequential(
             [
                 keras.layers.RandomFlip("horizontal"),
-                keras.layers.RandomTranslation(0.125, 0.125, fill_mode="reflect"),
+                keras.layers.RandomTranslation(
+                    0.125, 0.125, fill_mode="reflect"
+                ),
             ],
             name="augmentation",
         )
