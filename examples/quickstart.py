@@ -70,7 +70,12 @@ _MAX_DROP = flags.DEFINE_float(
 )
 _FINETUNE_EPOCHS = flags.DEFINE_integer(
     "finetune_epochs", 1,
-    "With --max_drop: epochs of distillation per candidate (0: none).",
+    "With --max_drop: epochs of fine-tuning per candidate (0: none).",
+)
+_DISTILL = flags.DEFINE_boolean(
+    "distill", False,
+    "With --max_drop: fine-tune by distillation from the full network "
+    "instead of on the labels (worse on this model: README).",
 )
 _CLASSES = flags.DEFINE_list(
     "classes", ["cat", "dog"],
@@ -311,13 +316,14 @@ def smallest(model, civs, train, test, names):
         train = train.take(512)
     validation, held_out = test.take(half), test.skip(half)
     epochs = _FINETUNE_EPOCHS.value
+    how = "distillation" if _DISTILL.value else "fine-tuning"
     print(f"Searching the smallest {'-'.join(_CLASSES.value)} sub-task "
           f"within {_MAX_DROP.value:g} pp (calibrated"
-          f"{f', {epochs} epoch(s) of distillation' if epochs else ''}):")
+          f"{f', {epochs} epoch(s) of {how}' if epochs else ''}):")
     result, table = kd.smallest_subtask(
         model, civs, _CLASSES.value, max_drop=_MAX_DROP.value,
         validation_data=validation, calibrate=train,
-        finetune={"ds": train, "epochs": epochs, "distill": True}
+        finetune={"ds": train, "epochs": epochs, "distill": _DISTILL.value}
         if epochs else None)
     row = next((r for r in table if r["met"]), table[-1])  # the one returned
     if epochs:
