@@ -5,6 +5,7 @@ import difflib
 import hashlib
 import json
 import os
+import tempfile
 import zipfile
 
 import keras
@@ -12,7 +13,9 @@ import numpy as np
 
 from keras_drnet.model_surgery import list_gates
 
-_FORMAT_VERSION = 2
+# 3: the checksum also covers the metadata; 2: it covers the arrays only.
+_FORMAT_VERSION = 3
+_READABLE_VERSIONS = (2, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,8 +274,10 @@ class CIVs:
             "layout": [dataclasses.astuple(entry) for entry in self.layout],
             "fingerprint": self.fingerprint,
             "config": self.config,
-            "sha256": _checksum(self.vectors, self.counts, self.top1_changed),
         }
+        metadata["sha256"] = _checksum(
+            self.vectors, self.counts, self.top1_changed, metadata=metadata
+        )
         atomic_savez(
             path,
             vectors=self.vectors,
@@ -306,7 +311,17 @@ class CIVs:
                 f"truncated or not a CIVs file ({type(e).__name__}: {e}). "
                 "Re-run `keras_drnet.dissect()` and save again."
             ) from e
-        if metadata.get("sha256") != _checksum(vectors, counts, top1_changed):
+        version = metadata.get("format_version")
+        if version not in _READABLE_VERSIONS:
+            raise ValueError(
+                f"CIVs file {path!r} has format_version {version!r}; this "
+                f"keras_drnet reads versions {list(_READABLE_VERSIONS)}. Use "
+                "the keras_drnet that wrote it, or re-run "
+                "`keras_drnet.dissect()`."
+            )
+        covered = metadata if version >= 3 else None
+        expected = _checksum(vectors, counts, top1_changed, metadata=covered)
+        if metadata.get("sha256") != expected:
             raise ValueError(
                 f"CIVs file {path!r} is corrupted: its checksum does not "
                 "match its contents. Re-run `keras_drnet.dissect()`."
@@ -322,17 +337,30 @@ class CIVs:
         )
 
 
-def _checksum(*arrays):
+def _checksum(*arrays, metadata=None):
+    """SHA-256 of the arrays and of every metadata field but the checksum."""
     digest = hashlib.sha256()
     for array in arrays:
         digest.update(np.ascontiguousarray(array).tobytes())
+    if metadata is not None:
+        fields = {k: v for k, v in metadata.items() if k != "sha256"}
+        digest.update(json.dumps(fields, sort_keys=True).encode())
     return digest.hexdigest()
 
 
 def atomic_savez(path, **arrays):
-    # Write then rename: a kill mid-write never leaves a half file behind.
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    # Write then rename: a kill mid-write never leaves a half file behind;
+    # a unique temporary name, so that two writers never share one.
+    handle, tmp = tempfile.mkstemp(
+        suffix=".tmp.npz", dir=os.path.dirname(os.path.abspath(path))
+    )
+    try:
+        with os.fdopen(handle, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 

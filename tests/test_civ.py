@@ -6,6 +6,7 @@ A CIV is the mean CDRP of the first `samples_per_class` images of a class
 subprocesses (`_dissect_worker.py`, `_dissect_mirrored.py`).
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -645,6 +646,61 @@ def test_consistent_but_tampered_file_fails_the_checksum(saved, tmp_path):
     np.savez(tampered, **arrays)
     with pytest.raises(ValueError, match=r"checksum"):
         kd.CIVs.load(tampered)
+
+
+def _rewrite_metadata(path, tmp_path, change):
+    """A consistent .npz whose metadata `change` edited in place."""
+    with np.load(path) as f:
+        arrays = dict(f)
+    metadata = json.loads(str(arrays["metadata"]))
+    change(metadata)
+    arrays["metadata"] = np.array(json.dumps(metadata))
+    edited = tmp_path / "edited.npz"
+    np.savez(edited, **arrays)
+    return edited
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m["class_names"].reverse(),            # names swapped
+    lambda m: m["layout"][0].__setitem__(2, 1),      # a gate's width
+    lambda m: m.__setitem__("fingerprint", "0" * 64),
+    lambda m: m["config"].__setitem__("gamma", 0.5),  # the fitting config
+])
+def test_edited_metadata_fails_the_checksum(saved, tmp_path, change):
+    _, path, _ = saved
+    with pytest.raises(ValueError, match=r"checksum"):
+        kd.CIVs.load(_rewrite_metadata(path, tmp_path, change))
+
+
+@pytest.mark.parametrize("version", [1, 4, None, "3"])
+def test_unknown_format_version_is_refused(saved, tmp_path, version):
+    _, path, _ = saved
+    edited = _rewrite_metadata(
+        path, tmp_path, lambda m: m.__setitem__("format_version", version))
+    with pytest.raises(ValueError, match=r"reads versions \[2, 3\]"):
+        kd.CIVs.load(edited)
+
+
+def test_version_2_files_still_load(saved, tmp_path):
+    """Files written before the checksum covered the metadata."""
+    civs, path, _ = saved
+
+    def as_version_2(metadata):
+        metadata["format_version"] = 2
+        digest = hashlib.sha256()
+        for array in (civs.vectors, civs.counts, civs.top1_changed):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        metadata["sha256"] = digest.hexdigest()
+
+    assert_identical(
+        kd.CIVs.load(_rewrite_metadata(path, tmp_path, as_version_2)), civs)
+
+
+def test_save_leaves_no_temporary_file(baseline, tmp_path):
+    civs, _ = baseline
+    civs.save(tmp_path / "a.npz")
+    civs.save(tmp_path / "a.npz")  # overwrite
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]
 
 
 def test_unrelated_npz_and_missing_file(tmp_path):
