@@ -1,5 +1,6 @@
 """Per-image gate fitting: the CDRP of every image, a whole batch at a time."""
 
+import math
 import numbers
 
 import keras
@@ -256,11 +257,16 @@ def _check_hyperparameters(iterations, learning_rate, momentum, gamma, clip):
         ("momentum", momentum),
         *[("gamma", g) for g in gammas],
     ]:
-        if not isinstance(value, numbers.Real) or value < 0:
+        if (
+            not isinstance(value, numbers.Real)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value < 0
+        ):
             shown = gamma if name == "gamma" else value
             hint = " (or one per gate)" if name == "gamma" else ""
             raise ValueError(
-                f"`{name}` must be a non-negative number{hint}. Received: "
+                f"`{name}` must be a finite number >= 0{hint}. Received: "
                 f"{name}={shown!r}"
             )
     if len(tuple(clip)) != 2 or not clip[0] < clip[1]:

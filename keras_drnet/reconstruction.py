@@ -1,6 +1,8 @@
 """CIVs of a sub-task's classes -> one 0/1 vector of channels to run (CCIV)."""
 
 import dataclasses
+import math
+import numbers
 import warnings
 
 import numpy as np
@@ -150,10 +152,17 @@ def combine(
             f"`budget_scope` must be one of {list(_BUDGET_SCOPES)}. "
             f"Received: budget_scope={budget_scope!r}"
         )
-    if budget is not None and not 0 < budget <= 1:
+    if budget is not None and not (_is_number(budget) and 0 < budget <= 1):
         raise ValueError(
-            "`budget` is the fraction of channels to keep, in (0, 1]. "
-            f"Received: budget={budget!r}"
+            "`budget` is the fraction of channels to keep, a number in "
+            f"(0, 1]. Received: budget={budget!r}"
+        )
+    if threshold is not None and not (
+        _is_number(threshold) and math.isfinite(threshold) and threshold >= 0
+    ):
+        raise ValueError(
+            "`threshold` must be a finite number >= 0 (e.g. the paper's "
+            f"union_thr 6e-3). Received: threshold={threshold!r}"
         )
     indices = resolve_classes(civs, classes)
     vectors = civs.vectors[list(indices)]
@@ -221,3 +230,7 @@ def _warn_if_resets_open_everything(civs, indices, threshold):
 def _gate_spans(layout):
     stops = np.cumsum([entry.channels for entry in layout])
     return list(zip(stops - [entry.channels for entry in layout], stops))
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

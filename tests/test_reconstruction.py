@@ -326,10 +326,19 @@ def test_exactly_one_of_threshold_and_budget(kwargs):
         kd.combine(make_civs(), ["cat", "dog"], **kwargs)
 
 
-@pytest.mark.parametrize("budget", [0.0, -0.2, 1.01, 5])
+@pytest.mark.parametrize(
+    "budget", [0.0, -0.2, 1.01, 5, float("nan"), float("inf"), "0.5", True])
 def test_budget_outside_zero_one_is_refused(budget):
     with pytest.raises(ValueError, match=r"`budget`.*in \(0, 1\]"):
         kd.combine(make_civs(), ["cat", "dog"], budget=budget)
+
+
+@pytest.mark.parametrize(
+    "threshold", [-0.1, float("nan"), float("inf"), "0.1", [0.1], True])
+def test_threshold_that_is_not_a_finite_number_is_refused(threshold):
+    with pytest.raises(ValueError, match=r"`threshold` must be a finite "
+                       r"number >= 0.*Received: threshold="):
+        kd.combine(make_civs(), ["cat", "dog"], threshold=threshold)
 
 
 @pytest.mark.parametrize("classes", [["cat"], ["cat", "dog", "ship"]])
