@@ -147,6 +147,12 @@ def inject_gates(model, select="all"):
     ```
     """
     _check_cloneable(model)
+    if list_gates(model):
+        raise ValueError(
+            f"Model '{model.name}' already has `ChannelGate`s: gating it "
+            "again would put a second gate after every ReLU. Pass the "
+            "original model, or use this one as it is."
+        )
     if not (callable(select) or select in _SELECTIONS):
         raise ValueError(
             f"`select` must be one of {list(_SELECTIONS)} or a callable "

@@ -761,6 +761,16 @@ def test_inject_gates_rejects_model_without_relu():
         kd.inject_gates(model)
 
 
+def test_inject_gates_refuses_an_already_gated_model():
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = layers.GlobalAveragePooling2D()(x)
+    gated = kd.inject_gates(keras.Model(inputs, layers.Dense(2)(x)))
+    with pytest.raises(ValueError, match="already has `ChannelGate`s.*"
+                       "Pass the original model"):
+        kd.inject_gates(gated)
+
+
 def test_inject_gates_rejects_subclassed_model():
     with pytest.raises(ValueError, match="subclassed"):
         kd.inject_gates(_built_subclassed())
