@@ -72,6 +72,12 @@ def model_input_shape(model):
 def labelled_elements(ds, input_shape, num_classes):
     """`ds` as unbatched `(image, int label)` elements."""
     if isinstance(ds, tuple) and len(ds) == 2:
+        lengths = [len(part) for part in ds]
+        if lengths[0] != lengths[1]:
+            raise ValueError(
+                "`(images, labels)` must have one label per image. Received: "
+                f"{lengths[0]} images and {lengths[1]} labels"
+            )
         ds = tf.data.Dataset.from_tensor_slices(ds)
     if not isinstance(ds, tf.data.Dataset):
         raise TypeError(

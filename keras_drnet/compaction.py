@@ -9,6 +9,7 @@ from keras_drnet.channel_flow import ChannelFlow
 from keras_drnet.channel_flow import kind
 from keras_drnet.channel_gate import ChannelGate
 from keras_drnet.model_surgery import as_functional
+from keras_drnet.subtask import SubtaskModel
 
 
 @keras.saving.register_keras_serializable(package="keras_drnet")
@@ -208,6 +209,12 @@ def compact(sub, include_softmax=True):
     small.export("cat_dog_small")  # or tf.lite.TFLiteConverter
     ```
     """
+    if not isinstance(sub, SubtaskModel):
+        raise TypeError(
+            "`compact` takes the `SubtaskModel` from `keras_drnet.subtask("
+            "model, civs, classes, ...)`, which says which channels and "
+            f"classes to keep. Received: {type(sub).__name__}"
+        )
     classes = list(sub.cciv.classes)
     model = sub._logits_model
     class_mask = np.zeros(sub.civs.num_classes, bool)

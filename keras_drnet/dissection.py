@@ -4,7 +4,6 @@ import json
 import os
 import warnings
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -21,6 +20,7 @@ from keras_drnet.civ import gate_layout
 from keras_drnet.civ import model_fingerprint
 from keras_drnet.gate_fitting import GateFitter
 from keras_drnet.gate_fitting import gated
+from keras_drnet.subtask import check_classifier
 
 
 class _Checkpoint:
@@ -141,11 +141,7 @@ def dissect(
     civs = keras_drnet.dissect(model, ds, class_names=names)
     ```
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"Expected a `keras.Model`. Received: model of type "
-            f"{type(model).__name__}"
-        )
+    check_classifier(model)
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(
             f"`batch_size` must be a positive int. Received: "

@@ -333,6 +333,21 @@ class SubtaskModel(keras.Model):
         self.set_classes(self.classes)
 
 
+def check_classifier(model):
+    """A full classifier, not a sub-task of one nor another object."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"Expected a `keras.Model`. Received: model of type "
+            f"{type(model).__name__}"
+        )
+    if isinstance(model, SubtaskModel):
+        raise TypeError(
+            "`model` is a `SubtaskModel`; pass the original classifier it "
+            "was built from (dissect the full network once, then build "
+            "sub-tasks from its CIVs)."
+        )
+
+
 def _statistic_variables(batchnorms):
     return [v for bn in batchnorms for v in (bn.moving_mean, bn.moving_variance)]
 
@@ -411,11 +426,7 @@ def subtask(
             "`civs` must be `keras_drnet.CIVs` (from `keras_drnet.dissect()` "
             f"or `CIVs.load()`). Received: {type(civs).__name__}"
         )
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"Expected a `keras.Model`. Received: model of type "
-            f"{type(model).__name__}"
-        )
+    check_classifier(model)
     if civs.fingerprint != model_fingerprint(model):
         raise ValueError(
             "These CIVs were dissected from another model (or from this "

@@ -1,0 +1,62 @@
+"""The bad-input suite (issue 15): each misuse ends in an error that names
+the mistake and the fix, checked by its message."""
+
+import numpy as np
+import pytest
+
+import _subtask_models as sm
+import keras_drnet as kd
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = sm.chain_cnn("logits")
+    civs = sm.hand_civs(model, np.random.default_rng(0))
+    sub = kd.subtask(model, civs, ["cat", "dog"], budget=0.5)
+    return model, civs, sub
+
+
+def test_images_and_labels_of_different_lengths(setup):
+    model, _, _ = setup
+    x = sm.images(np.random.default_rng(0), n=6)
+    with pytest.raises(ValueError, match=r"one label per image. Received: "
+                       r"6 images and 5 labels"):
+        kd.dissect(model, (x, np.zeros(5, "int64")), verbose=0)
+
+
+def test_a_subtask_passed_to_dissect(setup):
+    _, _, sub = setup
+    x = sm.images(np.random.default_rng(0), n=2)
+    with pytest.raises(TypeError, match="is a `SubtaskModel`; pass the "
+                       "original classifier"):
+        kd.dissect(sub, (x, np.zeros(2, "int64")), verbose=0)
+
+
+def test_a_subtask_passed_to_subtask(setup):
+    _, civs, sub = setup
+    with pytest.raises(TypeError, match="is a `SubtaskModel`"):
+        kd.subtask(sub, civs, ["cat", "dog"], budget=0.5)
+
+
+def test_a_plain_model_passed_to_compact(setup):
+    model, _, _ = setup
+    with pytest.raises(TypeError, match=r"`compact` takes the `SubtaskModel`"
+                       r".*Received: Functional"):
+        kd.compact(model)
+
+
+def test_a_gated_model_passed_to_inject_gates(setup):
+    _, _, sub = setup
+    with pytest.raises(ValueError, match="already has `ChannelGate`s"):
+        kd.inject_gates(sub.gated_model)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(threshold="0.1"), r"`threshold` must be a finite number"),
+    (dict(threshold=float("nan")), r"Received: threshold=nan"),
+    (dict(budget="0.5"), r"`budget` is the fraction.*Received: budget='0.5'"),
+])
+def test_numbers_given_as_strings_or_nan(setup, kwargs, message):
+    model, civs, _ = setup
+    with pytest.raises(ValueError, match=message):
+        kd.subtask(model, civs, ["cat", "dog"], **kwargs)
