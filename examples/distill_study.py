@@ -57,8 +57,9 @@ _MODEL = flags.DEFINE_string(
     "model_path", "~/.cache/keras_drnet/quickstart_cifar10_v2.keras",
     "A trained CIFAR-10 classifier (.keras, inputs in [0, 1]); default: "
     "the quickstart's.")
-_PAIRS = flags.DEFINE_enum("pairs", "nine", ["nine", "all"],
-                           "The nine pairs named in NINE_PAIRS, or all 45.")
+_PAIRS = flags.DEFINE_list(
+    "pairs", ["nine"], "nine (NINE_PAIRS), all (the 45), or pairs of "
+    "class names, e.g. cat-dog,airplane-ship.")
 _BUDGETS = flags.DEFINE_list("budgets", ["0.25", "0.33"],
                              "Per-gate channel budgets.")
 _EPOCHS = flags.DEFINE_list("epochs", ["1", "3", "10"],
@@ -202,8 +203,13 @@ def main(_):
     test = cifar_models.per_class(test_ds, 8 if quick else _TEST.value)
     calibration = cifar_models.per_class(train_ds.skip(10_000),
                                           8 if quick else 128)
-    pairs = (NINE_PAIRS if _PAIRS.value == "nine"
-             else list(itertools.combinations(range(10), 2)))
+    if _PAIRS.value == ["nine"]:
+        pairs = NINE_PAIRS
+    elif _PAIRS.value == ["all"]:
+        pairs = list(itertools.combinations(range(10), 2))
+    else:
+        pairs = [tuple(names.index(n) for n in p.split("-"))
+                 for p in _PAIRS.value]
     pairs = pairs[:2] if quick else pairs
     base = lambda x: model(x, training=False)
     full = {pair: cifar_models.pair_accuracy(base, test, pair)
