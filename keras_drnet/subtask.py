@@ -442,8 +442,9 @@ def subtask(
             "dissection used another `select`). Pass the gated model used "
             "for the dissection instead."
         )
-    if calibrate is not None and gated_model is model:
-        # Calibration writes BatchNorm statistics: never into the user's model.
+    if gated_model is model:
+        # Masks (and calibration's BatchNorm statistics) are written into the
+        # gated model: never into the user's, nor one another sub-task has.
         gated_model = keras.models.clone_model(model)
         gated_model.set_weights(model.get_weights())
     sub = SubtaskModel(

@@ -60,3 +60,20 @@ def test_numbers_given_as_strings_or_nan(setup, kwargs, message):
     model, civs, _ = setup
     with pytest.raises(ValueError, match=message):
         kd.subtask(model, civs, ["cat", "dog"], **kwargs)
+
+
+def test_subtasks_of_a_gated_model_share_nothing_with_it_or_each_other():
+    model = sm.chain_cnn("logits")
+    civs = sm.hand_civs(model, np.random.default_rng(0))
+    gated = kd.inject_gates(model)
+    x = sm.images(np.random.default_rng(1), n=4)
+    before = np.asarray(gated(x))
+    first = kd.subtask(gated, civs, ["cat", "dog"], budget=0.3)
+    expected = np.asarray(first(x))
+    second = kd.subtask(gated, civs, ["bird", "ship"], budget=0.6)
+    np.testing.assert_array_equal(np.asarray(first(x)), expected)
+    assert not np.array_equal(np.asarray(second(x)), expected)
+    # The user's gated model still has every gate open.
+    np.testing.assert_array_equal(np.asarray(gated(x)), before)
+    for spec in kd.list_gates(gated):
+        assert np.all(np.asarray(spec.layer.gate) == 1.0)
