@@ -289,6 +289,13 @@ def _is_softmax(op):
     return activation is keras.activations.softmax
 
 
+def _is_sigmoid(op):
+    if type(op).__name__ == "Sigmoid" and not isinstance(op, keras.Layer):
+        return True
+    activation = getattr(op, "activation", None)
+    return activation is keras.activations.sigmoid
+
+
 def split_softmax(model):
     """Returns `(logits_model, ended_in_softmax)` for a one-output classifier.
 
@@ -314,6 +321,12 @@ def split_softmax(model):
         )
     output = functional.outputs[0]
     op, node_index, _ = output._keras_history
+    if _is_sigmoid(op):
+        raise ValueError(
+            f"Model '{model.name}' ends in a sigmoid: a multi-label output, "
+            "whose classes do not compete. DRNet's CIVs and masked softmax "
+            "need a single-label classifier ending in a softmax or in logits."
+        )
     if not _is_softmax(op):
         return functional, False
     if not hasattr(op, "activation") or isinstance(

@@ -77,3 +77,22 @@ def test_subtasks_of_a_gated_model_share_nothing_with_it_or_each_other():
     np.testing.assert_array_equal(np.asarray(gated(x)), before)
     for spec in kd.list_gates(gated):
         assert np.all(np.asarray(spec.layer.gate) == 1.0)
+
+
+@pytest.mark.parametrize("head", ["fused", "layer", "op"])
+def test_a_sigmoid_multi_label_output_is_refused(head):
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    if head == "fused":
+        out = keras.layers.Dense(3, activation="sigmoid")(x)
+    elif head == "layer":
+        out = keras.layers.Activation("sigmoid")(keras.layers.Dense(3)(x))
+    else:
+        out = keras.ops.sigmoid(keras.layers.Dense(3)(x))
+    model = keras.Model(inputs, out)
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
+    with pytest.raises(ValueError, match="ends in a sigmoid: a multi-label"):
+        kd.dissect(model, (x, np.arange(4) % 3), verbose=0)
