@@ -111,6 +111,14 @@ def _first_batch(model, images, max_images, purpose):
             f"`images` is empty: {purpose} needs images of the sub-task's "
             "classes."
         )
+    finite = np.isfinite(batch.reshape(len(batch), -1)).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite).tolist()
+        raise ValueError(
+            f"{purpose} would average NaN or inf into every statistic: "
+            f"images {bad[:10]}{' ...' if len(bad) > 10 else ''} of the "
+            f"{len(batch)} taken have non-finite values. Remove them first."
+        )
     return batch
 
 

@@ -223,7 +223,7 @@ def dissect(
     progress.add(int(counts.sum()))
     # Images taken so far (a resumed run skips them), excluded ones too.
     selected = counts + (changed if on_top1_change == "exclude" else 0)
-    images, labels = [], []
+    images, labels, skipped = [], [], []
 
     def flush():
         batch_labels = np.asarray(labels)
@@ -253,6 +253,10 @@ def dissect(
             )
         if limit is not None and selected[label] >= limit:
             continue
+        if not np.isfinite(image).all():
+            # Its scores would be NaN (or all ones): never averaged.
+            skipped.append(position - 1)
+            continue
         selected[label] += 1
         images.append(image.astype(dtype, copy=False))
         labels.append(label)
@@ -276,6 +280,13 @@ def dissect(
             f"Fewer than samples_per_class={limit} images were found for "
             f"{len(short)} classes; their CIVs average what there was: "
             f"{', '.join(short)}.",
+            stacklevel=2,
+        )
+    if skipped:
+        warnings.warn(
+            f"Skipped {len(skipped)} images with NaN or inf values (dataset "
+            f"elements {skipped[:10]}{' ...' if len(skipped) > 10 else ''}); "
+            "the CIVs average the other images.",
             stacklevel=2,
         )
     if civs.missing:

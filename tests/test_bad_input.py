@@ -96,3 +96,35 @@ def test_a_sigmoid_multi_label_output_is_refused(head):
     x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
     with pytest.raises(ValueError, match="ends in a sigmoid: a multi-label"):
         kd.dissect(model, (x, np.arange(4) % 3), verbose=0)
+
+
+def test_non_finite_images_in_dissect_are_skipped_counted_and_named():
+    model = sm.chain_cnn("logits")
+    x = sm.images(np.random.default_rng(0), n=8)
+    y = np.arange(8) % 5
+    bad = x.copy()
+    bad[2, 0, 0, 0] = np.nan
+    bad[5, 1, 1, 1] = np.inf
+    with pytest.warns(UserWarning, match=r"Skipped 2 images with NaN or inf "
+                      r"values \(dataset elements \[2, 5\]\)"):
+        civs = kd.dissect(model, (bad, y), method="activation",
+                          samples_per_class=None, verbose=0)
+    keep = np.isin(np.arange(8), [2, 5], invert=True)
+    expected = kd.dissect(model, (x[keep], y[keep]), method="activation",
+                          samples_per_class=None, verbose=0)
+    np.testing.assert_array_equal(civs.counts, expected.counts)
+    np.testing.assert_allclose(civs.vectors, expected.vectors, rtol=1e-6)
+
+
+def test_non_finite_images_in_calibration_are_refused_before_any_write():
+    model = sm.bn_chain()
+    civs = sm.hand_civs(model, np.random.default_rng(0))
+    sub = kd.subtask(model, civs, ["cat", "dog"], budget=0.5)
+    before = [np.array(w) for w in sub.gated_model.get_weights()]
+    x = np.random.default_rng(0).normal(size=(6, 12, 12, 3)).astype("float32")
+    x[4, 3, 3, 0] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or inf.*images \[4\] of the "
+                       r"6 taken"):
+        sub.calibrate(x)
+    for b, a in zip(before, sub.gated_model.get_weights()):
+        np.testing.assert_array_equal(b, a)
