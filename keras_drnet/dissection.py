@@ -11,6 +11,7 @@ from keras_drnet.attribution import Attribution
 from keras_drnet.attribution import check_method
 from keras_drnet.batching import BatchRunner
 from keras_drnet.batching import Progress
+from keras_drnet.batching import check_image_shape
 from keras_drnet.batching import is_int
 from keras_drnet.batching import labelled_elements
 from keras_drnet.batching import model_input_shape
@@ -224,6 +225,8 @@ def dissect(
     # Images taken so far (a resumed run skips them), excluded ones too.
     selected = counts + (changed if on_top1_change == "exclude" else 0)
     images, labels, skipped = [], [], []
+    # A dataset with `None` spatial dims is checked image by image.
+    unknown_dims = not elements.element_spec[0].shape.is_fully_defined()
 
     def flush():
         batch_labels = np.asarray(labels)
@@ -253,6 +256,8 @@ def dissect(
             )
         if limit is not None and selected[label] >= limit:
             continue
+        if unknown_dims:
+            check_image_shape(image.shape, input_shape)
         if not np.isfinite(image).all():
             # Its scores would be NaN (or all ones): never averaged.
             skipped.append(position - 1)

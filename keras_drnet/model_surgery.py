@@ -90,7 +90,7 @@ def as_functional(model):
     return model
 
 
-def _check_cloneable(model):
+def check_cloneable(model):
     if not isinstance(model, keras.Model):
         raise TypeError(
             "Expected a `keras.Model` (Sequential or functional). "
@@ -106,6 +106,43 @@ def _check_cloneable(model):
             "so gates cannot be placed. Rebuild it with the functional API or "
             "`keras.Sequential` (subclassed layers inside are fine)."
         )
+    try:
+        inputs = model.inputs
+    except AttributeError:
+        inputs = None
+    if not inputs:
+        raise ValueError(
+            f"Model '{model.name}' is not built: it has no inputs yet. Start "
+            "it with `keras.Input(shape)` (or call it once on a batch of "
+            "images) before passing it."
+        )
+
+
+def copy_layer(layer):
+    """A fresh layer with `layer`'s config (weights are copied by callers).
+
+    A `Lambda` is rebuilt around its in-memory function: going through its
+    config would refuse a Python lambda (Keras's safe mode is for files,
+    and nothing is loaded here).
+    """
+    if isinstance(layer, keras.layers.Lambda):
+        config = layer.get_config()
+        return keras.layers.Lambda(
+            layer.function,
+            output_shape=layer._output_shape,
+            mask=layer.mask,
+            arguments=layer.arguments,
+            name=config["name"],
+            dtype=config.get("dtype"),
+        )
+    return layer.__class__.from_config(layer.get_config())
+
+
+def copy_model(model):
+    """A copy of a functional or Sequential model sharing nothing with it."""
+    copy = keras.models.clone_model(model, clone_function=copy_layer)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def inject_gates(model, select="all"):
@@ -146,7 +183,7 @@ def inject_gates(model, select="all"):
     # ['block1_conv1_gate', 'block1_conv2_gate']
     ```
     """
-    _check_cloneable(model)
+    check_cloneable(model)
     if list_gates(model):
         raise ValueError(
             f"Model '{model.name}' already has `ChannelGate`s: gating it "
@@ -182,9 +219,9 @@ def _inject(model, select):
         ):
             return op
         if isinstance(op, keras.Model):
-            _check_cloneable(op)
+            check_cloneable(op)
             return _inject(op, select)
-        clone = op.__class__.from_config(op.get_config())
+        clone = copy_layer(op)
         originals[id(clone)] = (op, clone)
         return clone
 
@@ -311,7 +348,7 @@ def split_softmax(model):
     Args:
         model: a functional or Sequential `keras.Model` with one output.
     """
-    _check_cloneable(model)
+    check_cloneable(model)
     functional = as_functional(model)
     if len(functional.outputs) != 1:
         raise ValueError(

@@ -15,6 +15,8 @@ from keras_drnet.civ import CIVs
 from keras_drnet.civ import gate_layout
 from keras_drnet.civ import model_fingerprint
 from keras_drnet.gate_fitting import gated
+from keras_drnet.model_surgery import check_cloneable
+from keras_drnet.model_surgery import copy_model
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
 from keras_drnet.reconstruction import combine
@@ -243,8 +245,7 @@ class SubtaskModel(keras.Model):
 
     def _reference_copy(self):
         """A copy of the gated model with the reference statistics."""
-        copy = keras.models.clone_model(self.gated_model)
-        copy.set_weights(self.gated_model.get_weights())
+        copy = copy_model(self.gated_model)
         variables = _statistic_variables(batchnorm_layers(copy))
         if variables:
             splits = np.cumsum([v.shape[0] for v in variables])[:-1]
@@ -334,17 +335,19 @@ class SubtaskModel(keras.Model):
 
 
 def check_classifier(model):
-    """A full classifier, not a sub-task of one nor another object."""
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"Expected a `keras.Model`. Received: model of type "
-            f"{type(model).__name__}"
-        )
+    """A built full classifier with one tensor output, not a sub-task."""
     if isinstance(model, SubtaskModel):
         raise TypeError(
             "`model` is a `SubtaskModel`; pass the original classifier it "
             "was built from (dissect the full network once, then build "
             "sub-tasks from its CIVs)."
+        )
+    check_cloneable(model)
+    if isinstance(model.output, dict):
+        raise ValueError(
+            f"Model '{model.name}' has a dict output (keys "
+            f"{sorted(model.output)}); DRNet needs one tensor of class "
+            "scores, e.g. `keras.Model(model.inputs, model.output[key])`."
         )
 
 
@@ -445,8 +448,7 @@ def subtask(
     if gated_model is model:
         # Masks (and calibration's BatchNorm statistics) are written into the
         # gated model: never into the user's, nor one another sub-task has.
-        gated_model = keras.models.clone_model(model)
-        gated_model.set_weights(model.get_weights())
+        gated_model = copy_model(model)
     sub = SubtaskModel(
         gated_model,
         civs,

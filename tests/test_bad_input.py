@@ -128,3 +128,77 @@ def test_non_finite_images_in_calibration_are_refused_before_any_write():
         sub.calibrate(x)
     for b, a in zip(before, sub.gated_model.get_weights()):
         np.testing.assert_array_equal(b, a)
+
+
+def _head(inputs):
+    import keras
+
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    return keras.layers.GlobalAveragePooling2D()(x)
+
+
+def test_unbuilt_sequential_subclassed_and_dict_output_models():
+    import keras
+
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    y = np.array([0, 1])
+    unbuilt = keras.Sequential([keras.layers.Conv2D(4, 3, activation="relu"),
+                                keras.layers.GlobalAveragePooling2D(),
+                                keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="is not built: it has no inputs "
+                       r"yet. Start it with `keras.Input\(shape\)`"):
+        kd.dissect(unbuilt, (x, y), verbose=0)
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, images):
+            return self.dense(keras.ops.mean(images, axis=(1, 2)))
+
+    subclassed = Subclassed()
+    subclassed(x)
+    with pytest.raises(ValueError, match="is a subclassed `keras.Model`"):
+        kd.dissect(subclassed, (x, y), verbose=0)
+    inputs = keras.Input((8, 8, 3))
+    dict_output = keras.Model(
+        inputs, {"logits": keras.layers.Dense(2)(_head(inputs))})
+    with pytest.raises(ValueError, match=r"dict output \(keys \['logits'\]\)"):
+        kd.dissect(dict_output, (x, y), verbose=0)
+
+
+def test_images_that_do_not_fit_a_dataset_with_unknown_dims():
+    import keras
+    import tensorflow as tf
+
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Dense(2)(_head(inputs)))
+    sizes = [8, 8, 16]
+    ds = tf.data.Dataset.from_generator(
+        lambda: ((np.zeros((s, s, 3), "float32"), 0) for s in sizes),
+        output_signature=(tf.TensorSpec((None, None, 3)),
+                          tf.TensorSpec((), tf.int64)))
+    with pytest.raises(ValueError, match=r"input shape \(8, 8, 3\). "
+                       r"Received: image shape \(16, 16, 3\)"):
+        kd.dissect(model, ds, method="activation", verbose=0)
+
+
+def test_lambda_layers_are_gated_and_copied_without_deserialization():
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Lambda(lambda t: t * 2.0, name="double")(_head(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(5)(x))
+    images = sm.images(np.random.default_rng(0), n=3)[..., :1].repeat(3, -1)
+    images = images[:, :8, :8]
+    gated = kd.inject_gates(model)
+    np.testing.assert_array_equal(np.asarray(gated(images)),
+                                  np.asarray(model(images)))
+    civs = sm.hand_civs(model, np.random.default_rng(0))
+    sub = kd.subtask(model, civs, ["cat", "dog"], budget=1.0,
+                     calibrate=images)
+    probabilities = np.asarray(sub(images))
+    np.testing.assert_allclose(
+        probabilities, sm.masked_softmax(np.asarray(model(images)), [0, 1]),
+        rtol=1e-5, atol=1e-6)
