@@ -113,8 +113,8 @@ def check_cloneable(model):
     if not inputs:
         raise ValueError(
             f"Model '{model.name}' is not built: it has no inputs yet. Start "
-            "it with `keras.Input(shape)` (or call it once on a batch of "
-            "images) before passing it."
+            "it with `keras.Input(shape)`, or call `model.build(input_shape)`"
+            " before passing it."
         )
 
 
