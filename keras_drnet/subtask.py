@@ -343,7 +343,10 @@ def check_classifier(model):
             "sub-tasks from its CIVs)."
         )
     check_cloneable(model)
-    if isinstance(model.output, dict):
+    # (A Sequential's output is one tensor, and may not be traced yet.)
+    if not isinstance(model, keras.Sequential) and isinstance(
+        model.output, dict
+    ):
         raise ValueError(
             f"Model '{model.name}' has a dict output (keys "
             f"{sorted(model.output)}); DRNet needs one tensor of class "
