@@ -1,5 +1,6 @@
 """`dissect()`: a classifier's per-class Channel Importance Vectors."""
 
+import hashlib
 import json
 import os
 import warnings
@@ -46,6 +47,16 @@ class _Checkpoint:
                     f"method={method!r} to resume it, or use another "
                     "`checkpoint_dir`."
                 )
+            data_digest = settings.get("data")
+            if data_digest != self.settings["data"]:
+                raise ValueError(
+                    f"The checkpoint in {os.path.dirname(self.path)!r} was "
+                    "made from another dataset (its first images differ), "
+                    "or the dataset's order changes between runs (e.g. "
+                    "shuffled each time): resuming would mix two datasets. "
+                    "Pass the same dataset in a fixed order, or use another "
+                    "`checkpoint_dir`."
+                )
             if settings != self.settings:
                 raise ValueError(
                     f"The checkpoint in {os.path.dirname(self.path)!r} was "
@@ -65,6 +76,16 @@ class _Checkpoint:
             position=np.array(position),
             settings=np.array(json.dumps(self.settings)),
         )
+
+
+def _data_digest(elements, count=4):
+    """A short digest of the first elements: a resumed run must read the
+    same data in the same order."""
+    digest = hashlib.sha256()
+    for image, label in elements.take(count).as_numpy_iterator():
+        digest.update(np.ascontiguousarray(image).tobytes())
+        digest.update(np.int64(label).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def dissect(
@@ -212,7 +233,12 @@ def dissect(
     if checkpoint_dir is not None:
         checkpoint = _Checkpoint(
             checkpoint_dir,
-            dict(config, batch_size=int(batch_size), fingerprint=fingerprint),
+            dict(
+                config,
+                batch_size=int(batch_size),
+                fingerprint=fingerprint,
+                data=_data_digest(elements),
+            ),
         )
         state = checkpoint.load()
         if state is not None:

@@ -962,6 +962,19 @@ def test_checkpoint_of_another_model_is_refused(data, xy, finished_checkpoint):
     assert np.array_equal(again.vectors, civs.vectors)
 
 
+def test_finished_checkpoint_with_another_dataset_is_refused(
+    data, xy, finished_checkpoint
+):
+    directory, settings, _ = finished_checkpoint
+    x, y = xy
+    with pytest.raises(ValueError, match=r"made from another dataset"):
+        kd.dissect(data["model"], (x[::-1], y[::-1]),
+                   checkpoint_dir=directory, **settings)
+    with pytest.raises(ValueError, match=r"made from another dataset"):
+        kd.dissect(data["model"], (x + 0.5, y), checkpoint_dir=directory,
+                   **settings)
+
+
 # ---------------------------------------------------------------------------
 # tf.distribute.
 # ---------------------------------------------------------------------------
