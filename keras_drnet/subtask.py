@@ -1,5 +1,7 @@
 """`SubtaskModel`: the network running only a sub-task's channels and classes."""
 
+import contextlib
+import threading
 import warnings
 
 import keras
@@ -114,6 +116,7 @@ class SubtaskModel(keras.Model):
             name="reference_statistics",
         )
         self.cciv = None
+        self._switch = _Switch()
         self.set_classes(
             classes, method, threshold, budget, empty_gates, budget_scope
         )
@@ -171,11 +174,14 @@ class SubtaskModel(keras.Model):
                 "the new classes.",
                 stacklevel=2,
             )
-        for gate, mask in zip(self._gates, cciv.per_gate().values()):
-            gate.set_gate(mask)
         live = np.zeros(self.civs.num_classes, "float32")
         live[list(cciv.classes)] = 1.0
-        self.class_mask.assign(live)
+        # Readers (`__call__`, `predict`) see all of the old masks or all
+        # of the new ones, never half of each.
+        with self._switch.writing():
+            for gate, mask in zip(self._gates, cciv.per_gate().values()):
+                gate.set_gate(mask)
+            self.class_mask.assign(live)
         self.cciv = cciv
         self.classes = list(classes)
         self.method = method
@@ -192,6 +198,15 @@ class SubtaskModel(keras.Model):
 
     def call(self, inputs, training=False):
         return self.masked_softmax(self._logits_model(inputs, training=False))
+
+    def __call__(self, *args, **kwargs):
+        with self._switch.reading():
+            return super().__call__(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        # The compiled function reads the masks without `__call__`.
+        with self._switch.reading():
+            return super().predict(*args, **kwargs)
 
     def calibrate(self, ds, samples=512):
         """Re-estimates BatchNorm statistics for this sub-task's channels.
@@ -332,6 +347,31 @@ class SubtaskModel(keras.Model):
             self.civs.top1_changed,
         )
         self.set_classes(self.classes)
+
+
+class _Switch:
+    """A readers-writer lock: calls share it, `set_classes` excludes them."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._readers = 0
+
+    @contextlib.contextmanager
+    def reading(self):
+        with self._condition:
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self):
+        with self._condition:
+            self._condition.wait_for(lambda: self._readers == 0)
+            yield
 
 
 def check_classifier(model):

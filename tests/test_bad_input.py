@@ -202,3 +202,37 @@ def test_lambda_layers_are_gated_and_copied_without_deserialization():
     np.testing.assert_allclose(
         probabilities, sm.masked_softmax(np.asarray(model(images)), [0, 1]),
         rtol=1e-5, atol=1e-6)
+
+
+def test_set_classes_is_atomic_for_a_concurrent_reader():
+    import threading
+
+    model = sm.chain_cnn("logits")
+    civs = sm.hand_civs(model, np.random.default_rng(0))
+    sub = kd.subtask(model, civs, ["cat", "dog"], budget=0.3)
+    x = sm.images(np.random.default_rng(1), n=4)
+    expected = {}
+    for classes in (["cat", "dog"], ["bird", "ship"]):
+        sub.set_classes(classes, budget=0.3 if classes[0] == "cat" else 0.7)
+        expected[classes[0]] = np.asarray(sub(x))
+    outputs, stop = [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            outputs.append(np.asarray(sub(x)))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    k = 0
+    while len(outputs) < 300 and k < 5000:
+        if k % 2:
+            sub.set_classes(["cat", "dog"], budget=0.3)
+        else:
+            sub.set_classes(["bird", "ship"], budget=0.7)
+        k += 1
+    stop.set()
+    reader.join()
+    assert len(outputs) >= 300 and k > 20, (len(outputs), k)
+    torn = [o for o in outputs
+            if not any(np.array_equal(o, e) for e in expected.values())]
+    assert not torn, f"{len(torn)} of {len(outputs)} outputs were torn"
