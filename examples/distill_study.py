@@ -125,7 +125,7 @@ def plot(summary, path, title):
     import matplotlib.pyplot as plt
 
     budgets = sorted({s["budget"] for s in summary})
-    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4),
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4),
                              squeeze=False, sharey=True)
     for ax, budget in zip(axes[0], budgets):
         configs = sorted({s["config"] for s in summary
@@ -136,13 +136,16 @@ def plot(summary, path, title):
             ax.plot([p[0] for p in points], [p[1] for p in points], "o-",
                     ms=3, label=config)
         ax.set_xscale("log")
+        epochs = sorted({s["epochs"] for s in summary})
+        ax.set_xticks(epochs, [str(e) for e in epochs])
+        ax.minorticks_off()
         ax.axhline(0.5, color="grey", lw=0.5, ls="--")
         ax.set_xlabel("epochs of fine-tune")
         ax.set_title(f"per-gate budget {budget:g}")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy drop, mean over pairs (pp)")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
