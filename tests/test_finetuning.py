@@ -224,3 +224,21 @@ def test_the_teacher_is_not_trained(distilled):
         np.testing.assert_array_equal(b, a)
     assert not all(np.array_equal(b, a) for b, a in zip(
         [w for w in kd.compact(sub).get_weights()], student.get_weights()))
+
+
+def test_augmentation_is_applied_to_the_training_batches(sub):
+    x, y = labelled()
+    adam = lambda: keras.optimizers.Adam(0.01)  # noqa: E731
+    plain = kd.finetune(sub, (x, y), epochs=10, optimizer=adam(),
+                        batch_size=16, verbose=0)
+    # An "augmentation" that blanks every image leaves nothing to learn
+    # but the class prior: the loss stays near log(2).
+    blank = keras.layers.Lambda(lambda images: images * 0.0)
+    blanked = kd.finetune(sub, (x, y), epochs=10, optimizer=adam(),
+                          batch_size=16, augment=blank, verbose=0)
+    assert plain.history.history["loss"][-1] < 0.4
+    assert blanked.history.history["loss"][-1] > 0.6
+    # The standard flips and shifts run end to end.
+    kd.finetune(sub, (x, y), augment=True, verbose=0)
+    with pytest.raises(TypeError, match="`augment` must be a bool"):
+        kd.finetune(sub, (x, y), augment="flip", verbose=0)
