@@ -1,7 +1,9 @@
 """Put a `ChannelGate` after every ReLU of a Keras model, and list the gates."""
 
+import collections
 import contextlib
 import dataclasses
+import warnings
 
 import keras
 
@@ -9,7 +11,7 @@ from keras_drnet.channel_gate import ChannelGate
 
 _RELU_ACTIVATIONS = ("relu", "relu6")
 # Op classes of `keras.ops.relu`, `keras.ops.relu6` and `keras.activations.relu`.
-_RELU_OPS = ("Relu", "Relu6", "ReLU")
+_RELU_OPS = ("Relu", "Relu6", "ReLU", "LeakyRelu")
 _SELECTIONS = ("all", "conv", "dense")
 
 
@@ -35,8 +37,9 @@ def _activation_name(op):
     """Name of the ReLU-family activation `op` ends with, or `None`."""
     if isinstance(op, ChannelGate):
         return None
-    if isinstance(op, keras.layers.ReLU):
-        # A leaky ReLU passes negative values: not a ReLU in DRNet's sense.
+    if isinstance(op, (keras.layers.ReLU, keras.layers.LeakyReLU)):
+        # A leaky ReLU passes negative values: not a ReLU in DRNet's sense,
+        # unless its slope is 0.
         return "relu" if not op.negative_slope else None
     if type(op).__name__ in _RELU_OPS and not isinstance(op, keras.Layer):
         return "relu" if not getattr(op, "negative_slope", 0) else None
@@ -196,6 +199,16 @@ def inject_gates(model, select="all"):
             f"`fn(source, output) -> bool`. Received: select={select!r}"
         )
     gated = _inject(model, select)
+    ungated = _ungated_activations(model)
+    if ungated and list_gates(gated):
+        kinds = ", ".join(f"{name} ({n})" for name, n in sorted(ungated.items()))
+        warnings.warn(
+            f"Model '{model.name}' also has activations that DRNet does not "
+            f"gate: {kinds} channels, by activation. Only ReLU channels get "
+            "a gate; these always run, so CIVs, sub-tasks and compaction "
+            "leave them whole.",
+            stacklevel=2,
+        )
     if not list_gates(gated):
         found = sorted(_activations_in(model))
         raise ValueError(
@@ -263,6 +276,44 @@ def _activations_in(model):
         elif not isinstance(op, keras.Layer):
             found.add(type(op).__name__.lower())
     return found
+
+
+# Feature activations that DRNet leaves ungated (gating functions such as
+# sigmoid in squeeze-excite blocks, and output softmaxes, are not counted).
+_UNGATED = ("gelu", "silu", "swish", "hard_silu", "hard_swish", "elu",
+            "selu", "celu", "tanh", "softplus", "softsign", "mish",
+            "leaky_relu")
+
+
+def _ungated_activations(model):
+    """`{activation name: channels}` of the feature activations without a
+    gate, over every call site."""
+    found = collections.Counter()
+    functional = as_functional(model)
+    for nodes in functional._nodes_by_depth.values():
+        for node in nodes:
+            op = node.operation
+            if isinstance(op, keras.Model):
+                found.update(_ungated_activations(op))
+                continue
+            if _activation_name(op) is not None:
+                continue
+            activation = getattr(op, "activation", None)
+            if activation is not None:
+                name = getattr(activation, "__name__", "")
+            else:
+                name = _snake(type(op).__name__)
+            if name in _UNGATED:
+                for tensor in node.output_tensors:
+                    found[name] += int(tensor.shape[-1] or 0)
+    return dict(found)
+
+
+def _snake(name):
+    return "".join(
+        f"_{c.lower()}" if c.isupper() and i else c.lower()
+        for i, c in enumerate(name)
+    )
 
 
 def list_gates(model):

@@ -236,3 +236,41 @@ def test_set_classes_is_atomic_for_a_concurrent_reader():
     torn = [o for o in outputs
             if not any(np.array_equal(o, e) for e in expected.values())]
     assert not torn, f"{len(torn)} of {len(outputs)} outputs were torn"
+
+
+@pytest.mark.parametrize("form, gated", [
+    ("LeakyReLU(0)", True), ("ops.leaky_relu(0)", True),
+    ("LeakyReLU(0.2)", False), ("ops.leaky_relu", False),
+])
+def test_a_leaky_relu_of_slope_zero_is_a_relu(form, gated):
+    import keras
+
+    inputs = keras.Input((3,))
+    h = keras.layers.Dense(4)(inputs)
+    if form == "LeakyReLU(0)":
+        h = keras.layers.LeakyReLU(negative_slope=0.0)(h)
+    elif form == "ops.leaky_relu(0)":
+        h = keras.ops.leaky_relu(h, negative_slope=0.0)
+    elif form == "LeakyReLU(0.2)":
+        h = keras.layers.LeakyReLU(negative_slope=0.2)(h)
+    else:
+        h = keras.ops.leaky_relu(h)
+    h = keras.layers.Dense(4, activation="relu")(h)
+    model = keras.Model(inputs, keras.layers.Dense(2)(h))
+    assert len(kd.list_gates(kd.inject_gates(model))) == (2 if gated else 1)
+
+
+def test_ungated_activations_are_named_with_their_channels():
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = keras.layers.Conv2D(6, 3, activation="gelu")(x)
+    x = keras.layers.Activation("hard_swish")(keras.layers.Conv2D(5, 1)(x))
+    x = keras.ops.silu(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    with pytest.warns(UserWarning, match=r"does not gate: gelu \(6\), "
+                      r"hard_silu \(5\), silu \(5\) channels"):
+        gated = kd.inject_gates(model)
+    assert len(kd.list_gates(gated)) == 1
