@@ -104,7 +104,7 @@ def test_recipe_study_quick_mode_writes_the_frontier(tmp_path):
 
 
 @pytest.mark.slow
-def test_distill_study_quick_mode_writes_the_grid_and_the_search(tmp_path):
+def test_distill_study_quick_mode_writes_the_grid(tmp_path):
     _run_example("distill_study.py", f"--output_dir={tmp_path}",
                  "--rankings=cdrp,random", "--budgets=0.33")
     text = (tmp_path / "vgg16_w0.125_quick_distill.md").read_text()
@@ -114,10 +114,8 @@ def test_distill_study_quick_mode_writes_the_grid_and_the_search(tmp_path):
     assert _is_png(tmp_path / "vgg16_w0.125_quick_distill.png")
     rows = (tmp_path / "vgg16_w0.125_quick_distill_pairs.csv").read_text()
     assert len(rows.splitlines()) == 1 + 5 * 2  # 5 configs x 2 pairs
-    stdout = _run_example("distill_study.py", f"--output_dir={tmp_path}",
-                          "--rankings=cdrp", "--search_max_drop=20")
-    assert "kd.smallest_subtask(max_drop=20), 2 pairs" in stdout
-    assert (tmp_path / "vgg16_w0.125_quick_distill_search.md").exists()
+    # (--search_max_drop is kd.smallest_subtask per pair: test_budget_search
+    # covers it; a second subprocess here would cost a minute of CI.)
 
 
 def _quickstart_in_a_fresh_process(*flags):
