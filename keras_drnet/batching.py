@@ -5,6 +5,7 @@ Datasets and arrays become labelled elements or fixed-size numpy batches;
 images.
 """
 
+import numbers
 import sys
 import time
 
@@ -15,6 +16,11 @@ import tensorflow as tf
 
 def is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_number(value):
+    """A real number (numpy's too), not a bool nor a numeric string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def image_batches(images, batch_size, input_shape, dtype):

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from keras_drnet.batching import is_number
 from keras_drnet.batching import labelled_elements
 from keras_drnet.batching import model_input_shape
 from keras_drnet.civ import CIVs
@@ -168,9 +169,7 @@ def smallest_subtask(
 
 
 def _checked_max_drop(max_drop):
-    if isinstance(max_drop, bool) or not isinstance(
-        max_drop, (int, float, np.integer, np.floating)
-    ):
+    if not is_number(max_drop):
         raise TypeError(
             "`max_drop` must be a number of percentage points, e.g. 0.5. "
             f"Received: max_drop={max_drop!r}"

@@ -8,6 +8,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_drnet.batching import check_image_shape
+from keras_drnet.batching import is_number
 from keras_drnet.batching import labelled_elements
 from keras_drnet.batching import model_input_shape
 from keras_drnet.calibration import batchnorm_layers
@@ -245,7 +246,7 @@ def _check_arguments(
         ("label_weight", label_weight, 0.0, 1.0),
         ("learning_rate", learning_rate, 0.0, math.inf),
     ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             raise TypeError(
                 f"`{name}` must be a number. Received: {name}={value!r}"
             )

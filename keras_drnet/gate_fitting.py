@@ -12,6 +12,7 @@ from keras_drnet.batching import BatchRunner
 from keras_drnet.batching import Progress
 from keras_drnet.batching import image_batches
 from keras_drnet.batching import is_int
+from keras_drnet.batching import is_number
 from keras_drnet.batching import model_input_shape
 from keras_drnet.channel_gate import per_sample_gates
 from keras_drnet.model_surgery import gate_layers
@@ -258,8 +259,7 @@ def _check_hyperparameters(iterations, learning_rate, momentum, gamma, clip):
         *[("gamma", g) for g in gammas],
     ]:
         if (
-            not isinstance(value, numbers.Real)
-            or isinstance(value, bool)
+            not is_number(value)
             or not math.isfinite(value)
             or value < 0
         ):

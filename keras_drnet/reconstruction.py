@@ -2,11 +2,11 @@
 
 import dataclasses
 import math
-import numbers
 import warnings
 
 import numpy as np
 
+from keras_drnet.batching import is_number
 from keras_drnet.civ import CIVs
 
 _METHODS = ("union", "xor")
@@ -152,13 +152,13 @@ def combine(
             f"`budget_scope` must be one of {list(_BUDGET_SCOPES)}. "
             f"Received: budget_scope={budget_scope!r}"
         )
-    if budget is not None and not (_is_number(budget) and 0 < budget <= 1):
+    if budget is not None and not (is_number(budget) and 0 < budget <= 1):
         raise ValueError(
             "`budget` is the fraction of channels to keep, a number in "
             f"(0, 1]. Received: budget={budget!r}"
         )
     if threshold is not None and not (
-        _is_number(threshold) and math.isfinite(threshold) and threshold >= 0
+        is_number(threshold) and math.isfinite(threshold) and threshold >= 0
     ):
         raise ValueError(
             "`threshold` must be a finite number >= 0 (e.g. the paper's "
@@ -230,7 +230,3 @@ def _warn_if_resets_open_everything(civs, indices, threshold):
 def _gate_spans(layout):
     stops = np.cumsum([entry.channels for entry in layout])
     return list(zip(stops - [entry.channels for entry in layout], stops))
-
-
-def _is_number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
