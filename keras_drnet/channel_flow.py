@@ -40,6 +40,7 @@ class FlatNode:
     node: object
     inputs: list
     outputs: list
+    channels_first: bool = False
 
 
 def flat_nodes(model):
@@ -53,6 +54,35 @@ def flat_nodes(model):
     input_keys = [(root, id(t)) for t in functional.inputs]
     nodes, output_keys = _expand(functional, input_keys, root)
     return nodes, input_keys, output_keys
+
+
+def data_formats(nodes):
+    """`{channels_first: name of a layer that says so}` over call sites."""
+    seen = {}
+    for flat in nodes:
+        op = flat.op
+        if not flat.node.input_tensors:
+            continue
+        rank = len(flat.node.input_tensors[0].shape)
+        if isinstance(op, keras.layers.Flatten) or rank < 3:
+            continue  # Flatten's data_format only orders its output
+        if isinstance(op, (keras.layers.BatchNormalization, ChannelGate)):
+            axis = op.axis[0] if isinstance(op.axis, list) else op.axis
+            first = {1: True, rank - 1: False}.get(axis % rank)
+        else:
+            data_format = getattr(op, "data_format", None)
+            first = {"channels_first": True, "channels_last": False}.get(
+                data_format
+            )
+        if first is not None:
+            seen.setdefault(first, op.name)
+    return seen
+
+
+def channel_axis(tensor, channels_first):
+    """The channel axis of a tensor: 1 for channels_first maps, else last."""
+    rank = len(tensor.shape)
+    return 1 if channels_first and rank > 2 else rank - 1
 
 
 def _expand(functional, input_keys, prefix):
@@ -85,8 +115,8 @@ def _expand(functional, input_keys, prefix):
     return nodes, [resolve(t) for t in functional.outputs]
 
 
-def _channels(tensor):
-    return int(tensor.shape[-1])
+def _channels(tensor, channels_first):
+    return int(tensor.shape[channel_axis(tensor, channels_first)])
 
 
 POOLING = (
@@ -129,7 +159,61 @@ _CHANNELWISE = (
     keras.layers.Rescaling,
     keras.layers.Identity,
 )
-_CHANNELWISE_OPS = ("Relu", "Relu6", "ReLU")
+# `keras.ops` calls (not layers) that act elementwise; with one tensor and
+# scalar constants (`x + 3.0`, `ops.relu6(x)`) they are channelwise.
+_ELEMENTWISE_OPS = {
+    "Relu", "Relu6", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Silu",
+    "HardSilu", "Sigmoid", "HardSigmoid", "Softplus", "Softsign", "Tanh",
+    "Exp", "Expm1", "Log", "Log1p", "Sqrt", "Square", "Absolute", "Negative",
+    "Sign", "Clip", "Cast", "Add", "Subtract", "Multiply", "TrueDivide",
+    "Divide", "Maximum", "Minimum", "Power",
+}
+# The same ops on two tensors, as the Add/Multiply/... merge layers.
+_MERGE_ANY_OPS = {"Add", "Subtract", "Maximum", "Minimum"}
+_MERGE_ALL_OPS = {"Multiply"}
+
+
+def _scalar_constants(node):
+    """Whether every non-tensor argument of a call is a scalar."""
+    tensors = {id(t) for t in node.input_tensors}
+    leaves = keras.tree.flatten((node.arguments.args, node.arguments.kwargs))
+    return all(
+        id(leaf) in tensors or leaf is None or np.size(leaf) == 1
+        for leaf in leaves
+    )
+
+
+def flatten_map(flat):
+    """How a flattening call repeats its input channels in its output.
+
+    `"tile"`: channel c at every C-th entry (channels last in memory);
+    `"repeat"`: channel c in a contiguous block; `None`: neither.
+    """
+    op, x = flat.op, flat.node.input_tensors[0]
+    last = channel_axis(x, flat.channels_first) == len(x.shape) - 1
+    # Flatten(data_format="channels_first") moves axis 1 to the end first.
+    moves = (
+        isinstance(op, keras.layers.Flatten)
+        and op.data_format == "channels_first"
+        and len(x.shape) > 2
+    )
+    if last:
+        return None if moves else "tile"
+    return "tile" if moves else "repeat"
+
+
+def expand_flat(flat, channel_mask, size):
+    """A per-channel mask of a flattening call's input, on its output."""
+    if flatten_map(flat) == "tile":
+        return np.tile(channel_mask, size // channel_mask.size)
+    return np.repeat(channel_mask, size // channel_mask.size)
+
+
+def reduce_flat(flat, entry_mask, channels):
+    """Input channels any of whose flattened entries is set."""
+    if flatten_map(flat) == "tile":
+        return entry_mask.reshape(-1, channels).any(axis=0)
+    return entry_mask.reshape(channels, -1).any(axis=1)
 
 
 def kind(flat):
@@ -137,6 +221,7 @@ def kind(flat):
     op, node = flat.op, flat.node
     out = node.output_tensors[0]
     ins = node.input_tensors
+    first = flat.channels_first
     if isinstance(op, ChannelGate):
         return "gate"
     if isinstance(op, _DEPTHWISE):
@@ -146,34 +231,39 @@ def kind(flat):
     if isinstance(op, _CONV) and getattr(op, "groups", 1) == 1:
         return "dense"
     if isinstance(op, keras.layers.Dense):
-        return "dense"
-    same = all(_channels(t) == _channels(out) for t in ins)
+        # A Dense acts on the last axis: on channels_first maps, not channels.
+        return "dense" if channel_axis(ins[0], first) == len(
+            ins[0].shape) - 1 else "other"
+    same = all(_channels(t, first) == _channels(out, first) for t in ins)
     mixing = getattr(op, "activation", None) in (
         keras.activations.softmax,
         keras.activations.log_softmax,
     )
     if isinstance(op, _CHANNELWISE) and len(ins) == 1 and same and not mixing:
         return "channelwise"
-    if (
-        type(op).__name__ in _CHANNELWISE_OPS
-        and not isinstance(op, keras.Layer)
-        and same
-    ):
-        return "channelwise"
+    name = "" if isinstance(op, keras.Layer) else type(op).__name__
+    if name in _ELEMENTWISE_OPS and same and _scalar_constants(node):
+        if len(ins) == 1:
+            return "channelwise"
+        if len(ins) == 2 and name in _MERGE_ANY_OPS:
+            return "merge_any"
+        if len(ins) == 2 and name in _MERGE_ALL_OPS:
+            return "merge_all"
     if isinstance(op, _MERGE_ANY) and same:
         return "merge_any"
     if isinstance(op, keras.layers.Multiply) and same:
         return "merge_all"
-    if isinstance(op, keras.layers.Concatenate) and op.axis in (
-        -1,
-        len(out.shape) - 1,
+    if (
+        isinstance(op, keras.layers.Concatenate)
+        and op.axis % len(out.shape) == channel_axis(out, first)
     ):
         return "concat"
     if (
         isinstance(op, (keras.layers.Flatten, keras.layers.Reshape))
         and len(ins) == 1
         and len(out.shape) == 2
-        and _channels(out) % _channels(ins[0]) == 0
+        and _channels(out, first) % _channels(ins[0], first) == 0
+        and flatten_map(flat) is not None
     ):
         return "flatten"
     return "other"
@@ -181,13 +271,15 @@ def kind(flat):
 
 def _zero_response(flat):
     """Channels a channelwise op makes non-zero from an all-zero input."""
-    shape = [1] + [d or 4 for d in flat.node.input_tensors[0].shape[1:]]
-    zeros = keras.ops.zeros(shape, flat.node.input_tensors[0].dtype)
+    x = flat.node.input_tensors[0]
+    zeros = keras.ops.zeros([1] + [d or 4 for d in x.shape[1:]], x.dtype)
+    args, kwargs = flat.node.arguments.fill_in({id(x): zeros})
     if isinstance(flat.op, keras.Layer):
-        response = flat.op(zeros, training=False)
-    else:
-        response = flat.op(zeros)
-    response = keras.ops.convert_to_numpy(response)
+        kwargs["training"] = False
+    response = keras.ops.convert_to_numpy(flat.op(*args, **kwargs))
+    response = np.moveaxis(
+        response, channel_axis(response, flat.channels_first), -1
+    )
     return np.abs(response).reshape(-1, response.shape[-1]).max(axis=0) != 0
 
 
@@ -199,7 +291,7 @@ def _bias_nonzero(op, size):
 
 def _forward(flat, live_in):
     op, out = flat.op, flat.node.output_tensors[0]
-    size = _channels(out)
+    size = _channels(out, flat.channels_first)
     node_kind = kind(flat)
     if node_kind == "gate":
         mask = keras.ops.convert_to_numpy(op.gate) != 0
@@ -218,8 +310,7 @@ def _forward(flat, live_in):
     if node_kind == "concat":
         return np.concatenate(live_in)
     if node_kind == "flatten":
-        # Flattened channels-last maps: channel c repeats every C entries.
-        return np.tile(live_in[0], size // live_in[0].size)
+        return expand_flat(flat, live_in[0], size)
     return np.ones(size, bool)
 
 
@@ -237,7 +328,7 @@ def _backward(flat, need_out, live_in):
     if node_kind == "concat":
         return np.split(need_out, np.cumsum(sizes)[:-1])
     if node_kind == "flatten":
-        return [need_out.reshape(-1, sizes[0]).any(axis=0)]
+        return [reduce_flat(flat, need_out, sizes[0])]
     return [np.full(size, need_out.any()) for size in sizes]
 
 
@@ -257,9 +348,21 @@ class ChannelFlow:
     def __init__(self, model, output_mask=None):
         self.model = model
         self.nodes, self.input_keys, self.output_keys = flat_nodes(model)
+        formats = data_formats(self.nodes)
+        if len(formats) > 1:
+            raise ValueError(
+                f"Model '{model.name}' mixes channels_first layers (e.g. "
+                f"'{formats[True]}') with channels_last ones (e.g. "
+                f"'{formats[False]}'), so its channel axis is ambiguous. "
+                "Build every layer with the same `data_format` (or "
+                "`keras.config.set_image_data_format`)."
+            )
+        first = formats.get(True, False)
+        for flat in self.nodes:
+            flat.channels_first = first
         self.live = {}
         for key, tensor in zip(self.input_keys, as_functional(model).inputs):
-            self.live[key] = np.ones(_channels(tensor), bool)
+            self.live[key] = np.ones(_channels(tensor, first), bool)
         for flat in self.nodes:
             out = _forward(flat, [self.live[k] for k in flat.inputs])
             for key in flat.outputs:
@@ -295,7 +398,10 @@ class LayerCost:
 def _layer_cost(flat, live_in, need_out):
     op = flat.op
     out = flat.node.output_tensors[0]
-    spatial = math.prod(int(d) for d in out.shape[1:-1] if d is not None)
+    axis = channel_axis(out, flat.channels_first)
+    spatial = math.prod(
+        int(d) for i, d in enumerate(out.shape) if i not in (0, axis) and d
+    )
     bias = 1 if getattr(op, "use_bias", False) else 0
     if isinstance(op, _CONV + (keras.layers.Dense,)):
         kernel = tuple(op.kernel.shape)
@@ -329,7 +435,7 @@ def _layer_cost(flat, live_in, need_out):
         params += bias * need_out.size
         running += bias * int(need_out.sum())
         return params, running, macs, running_macs
-    params = sum(math.prod(w.shape) for w in op.weights)
+    params = sum(math.prod(w.shape) for w in getattr(op, "weights", ()))
     if isinstance(op, keras.layers.BatchNormalization):
         per_channel = params // need_out.size
         return params, per_channel * int(need_out.sum()), 0, 0

@@ -6,7 +6,9 @@ import keras
 import numpy as np
 
 from keras_drnet.channel_flow import ChannelFlow
+from keras_drnet.channel_flow import expand_flat
 from keras_drnet.channel_flow import kind
+from keras_drnet.channel_flow import reduce_flat
 from keras_drnet.channel_gate import ChannelGate
 from keras_drnet.model_surgery import as_functional
 from keras_drnet.subtask import SubtaskModel
@@ -124,8 +126,8 @@ def _kept_channels(flow, final, class_mask):
                     out | derived, np.cumsum([i.size for i in ins])[:-1]
                 )
             elif node_kind == "flatten":
-                derived = np.tile(ins[0], out.size // ins[0].size)
-                back = [(out | derived).reshape(-1, ins[0].size).any(axis=0)]
+                derived = expand_flat(flat, ins[0], out.size)
+                back = [reduce_flat(flat, out | derived, ins[0].size)]
             else:
                 m = flat.op.depth_multiplier
                 derived = np.repeat(ins[0], m)
@@ -138,6 +140,29 @@ def _kept_channels(flow, final, class_mask):
                     array |= value
                     changed = True
     return {key: np.flatnonzero(keep[groups.find(key)]) for key in flow.live}
+
+
+def _classifier_keys(flow):
+    """Tensors from the last Dense/Conv to the output, if it maps 1:1.
+
+    The classifier's rows can then be taken in the sub-task's class order;
+    a 1x1 Conv followed by Flatten (MobileNet) counts as a Dense.
+    """
+    producers = {key: flat for flat in flow.nodes for key in flat.outputs}
+    keys = [flow.output_keys[0]]
+    while keys[-1] in producers:
+        flat = producers[keys[-1]]
+        node_kind = kind(flat)
+        if node_kind == "dense":
+            return keys
+        one_to_one = node_kind in ("channelwise", "gate") or (
+            node_kind == "flatten"
+            and flow.live[flat.inputs[0]].size == flow.live[keys[-1]].size
+        )
+        if not one_to_one:
+            return []
+        keys.append(flat.inputs[0])
+    return []
 
 
 def _sliced_layer(flat, kept_in, kept_out, name):
@@ -222,8 +247,10 @@ def compact(sub, include_softmax=True):
     flow = ChannelFlow(model, class_mask)
     final = flow.nodes[-1]
     kept = _kept_channels(flow, final, class_mask)
-    if kind(final) == "dense" and flow.output_keys[0] == final.outputs[0]:
-        kept[final.outputs[0]] = np.asarray(classes)
+    head = _classifier_keys(flow)
+    if head:
+        for key in head:
+            kept[key] = np.asarray(classes)
     else:
         classes = sorted(classes)
 
@@ -258,7 +285,9 @@ def compact(sub, include_softmax=True):
                 tensors[flat.outputs[0]] = args[0]
                 continue
             if id(op) not in layers:
-                gate = ChannelGate(source=op.source, name=unique(op.name))
+                gate = ChannelGate(
+                    axis=op.axis, source=op.source, name=unique(op.name)
+                )
                 layers[id(op)] = (gate, [mask])
             layer = layers[id(op)][0]
         elif not isinstance(op, keras.Layer):

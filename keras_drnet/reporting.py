@@ -9,6 +9,8 @@ import tensorflow as tf
 from keras import ops
 
 from keras_drnet.batching import model_input_shape
+from keras_drnet.channel_flow import data_formats
+from keras_drnet.channel_flow import flat_nodes
 from keras_drnet.channel_flow import running_costs
 from keras_drnet.channel_gate import per_sample_gates
 
@@ -110,7 +112,10 @@ def _predictions(sub, dtype):
         return cached[1]
     ones = [ops.ones((1, gate.channels)) for gate in full_gates]
 
-    @tf.function
+    # TensorFlow runs NCHW convolutions on CPU only when compiled with XLA.
+    channels_first = True in data_formats(flat_nodes(full_logits)[0])
+
+    @tf.function(jit_compile=channels_first or None)
     def predict(images):
         images = ops.cast(images, dtype)
         batch = ops.shape(images)[0]
@@ -134,8 +139,9 @@ def evaluate_subtask(sub, ds, batch_size=256):
     can be non-zero and the output channel it writes is read downstream (see
     `keras_drnet.channel_flow`), so the classifier's rows for classes outside
     the sub-task do not run; a BatchNormalization channel runs if it is read
-    downstream; other layers' weights always run; gates are not counted. FLOPs are multiply-accumulates of the convolution and dense
-    layers per image.
+    downstream; other layers' weights always run; gates are not counted.
+    FLOPs are multiply-accumulates of the convolution and dense layers per
+    image.
 
     Args:
         sub: `keras_drnet.SubtaskModel`.
@@ -155,6 +161,9 @@ def evaluate_subtask(sub, ds, batch_size=256):
     ```
     """
     _, dtype = model_input_shape(sub.gated_model)
+    # Logits of the classes outside the sub-task are never read.
+    class_mask = keras.ops.convert_to_numpy(sub.class_mask) > 0
+    costs = running_costs(sub._logits_model, class_mask)
     elements = sub.live_elements(ds)
     predict = _predictions(sub, dtype)
     full_correct = sub_correct = count = 0
@@ -169,9 +178,6 @@ def evaluate_subtask(sub, ds, batch_size=256):
             f"`ds` has no image of the sub-task's classes "
             f"{sub.live_class_names}: nothing to evaluate."
         )
-    # Logits of the classes outside the sub-task are never read.
-    class_mask = keras.ops.convert_to_numpy(sub.class_mask) > 0
-    costs = running_costs(sub._logits_model, class_mask)
     mask = sub.cciv.mask
     return SubtaskReport(
         classes=sub.live_class_names,

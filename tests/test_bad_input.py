@@ -274,3 +274,124 @@ def test_ungated_activations_are_named_with_their_channels():
                       r"hard_silu \(5\), silu \(5\) channels"):
         gated = kd.inject_gates(model)
     assert len(kd.list_gates(gated)) == 1
+
+
+def _twin_cnn(channels_first, flatten):
+    """conv -> BN -> ReLU -> pool -> conv(relu) -> GAP/Flatten -> fc(relu)
+    -> head, in either data format; the same seed gives the same weights
+    (Flatten variants: fc1's rows differ in order, see the test)."""
+    import keras
+    from keras import layers
+
+    fmt = "channels_first" if channels_first else "channels_last"
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3, 12, 12) if channels_first else (12, 12, 3))
+    h = layers.Conv2D(6, 3, use_bias=False, data_format=fmt, name="c1")(inputs)
+    h = layers.BatchNormalization(axis=1 if channels_first else -1,
+                                  name="bn1")(h)
+    h = layers.ReLU(name="r1")(h)
+    h = layers.MaxPooling2D(data_format=fmt, name="pool")(h)
+    h = layers.Conv2D(8, 3, activation="relu", data_format=fmt, name="c2")(h)
+    if flatten == "gap":
+        h = layers.GlobalAveragePooling2D(data_format=fmt, name="gap")(h)
+    else:
+        # The twin reads its (H, W, C) maps with a plain Flatten.
+        h = layers.Flatten(data_format=flatten if channels_first else None,
+                           name="flat")(h)
+    h = layers.Dense(7, activation="relu", name="fc1")(h)
+    model = keras.Model(inputs, layers.Dense(5, name="head")(h))
+    rng = np.random.default_rng(1)
+    model.get_layer("bn1").set_weights(
+        [rng.uniform(0.5, 1.5, 6), rng.uniform(0.0, 0.5, 6),
+         rng.uniform(-0.2, 0.2, 6), rng.uniform(0.5, 2.0, 6)])
+    return model
+
+
+@pytest.mark.parametrize("flatten", ["gap", "channels_last",
+                                     "channels_first"])
+def test_channels_first_models_compact_and_report_like_their_twin(flatten):
+    import keras
+    import tensorflow as tf
+
+    import _compaction_models as cm
+
+    def run(model, x):  # TF runs NCHW convolutions on CPU only under XLA
+        return np.asarray(tf.function(lambda t: model(t, training=False),
+                                      jit_compile=True)(x))
+
+    first = _twin_cnn(True, flatten)
+    last = _twin_cnn(False, flatten)
+    if flatten == "channels_last":
+        # A plain Flatten reads (C, H, W) channel-major and (H, W, C)
+        # channel-minor: reorder the twin's fc1 rows to compute the same.
+        kernel, bias = first.get_layer("fc1").get_weights()
+        order = np.arange(len(kernel)).reshape(8, 3, 3).transpose(1, 2, 0)
+        last.get_layer("fc1").set_weights([kernel[order.ravel()], bias])
+    x_last = np.random.default_rng(2).uniform(0, 1, (6, 12, 12, 3))
+    x_last = x_last.astype("float32")
+    x_first = x_last.transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(run(first, x_first), last(x_last), atol=1e-5)
+    masks = {"r1_gate": [1, 0, 1, 1, 0, 1],
+             "c2_gate": [1, 1, 0, 1, 0, 0, 1, 1],
+             "fc1_gate": [1, 0, 1, 1, 1, 0, 1]}
+    labels = np.array([3, 1, 3, 1, 3, 1])
+    subs, reports = [], []
+    for model, x in ((first, x_first), (last, x_last)):
+        civs = cm.civs_from_masks(model, masks)
+        sub = kd.subtask(model, civs, ["c3", "c1"], threshold=0.5)
+        reports.append(kd.evaluate_subtask(sub, (x, labels)))
+        subs.append(sub)
+    sub = subs[0]
+    small = kd.compact(sub)
+    np.testing.assert_allclose(run(small, x_first),
+                               run(sub, x_first)[:, [3, 1]], atol=1e-6)
+    assert small.count_params() == kd.compact(subs[1]).count_params()
+    assert small.count_params() < first.count_params()
+    assert small.get_layer("c2").filters == 5
+    a, b = reports
+    assert (a.running_params, a.running_flops, a.params, a.flops) == (
+        b.running_params, b.running_flops, b.params, b.flops)
+    assert a.sub_net_accuracy == b.sub_net_accuracy
+
+
+def test_a_model_mixing_data_formats_is_refused_by_name():
+    import keras
+
+    x = np.zeros((2, 3, 8, 8), "float32")
+    inputs = keras.Input((3, 8, 8))
+    h = keras.layers.Conv2D(4, 3, activation="relu",
+                            data_format="channels_first", name="c1")(inputs)
+    h = keras.layers.MaxPooling2D(data_format="channels_last", name="p")(h)
+    h = keras.layers.Flatten()(h)
+    model = keras.Model(inputs, keras.layers.Dense(5)(h))
+    civs = sm.hand_civs(model, np.random.default_rng(0))
+    sub = kd.subtask(model, civs, ["cat", "dog"], budget=0.5)
+    message = (r"mixes channels_first layers \(e.g. 'c1'\) with "
+               r"channels_last ones \(e.g. 'p'\)")
+    for call in (kd.compact, lambda s: kd.evaluate_subtask(s, (x, [0, 1]))):
+        with pytest.raises(ValueError, match=message):
+            call(sub)
+
+
+def test_mobilenet_v3_reports_and_compacts_through_its_constant_ops():
+    import keras
+
+    import _compaction_models as cm
+
+    model = keras.applications.MobileNetV3Small(
+        weights=None, input_shape=(32, 32, 3), classes=10,
+        classifier_activation=None, include_preprocessing=False)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (8, 32, 32, 3)).astype("float32")
+    with pytest.warns(UserWarning, match="hard_silu"):
+        civs = cm.hand_civs(model, rng)
+    sub = kd.subtask(model, civs, ["c7", "c2"], budget=0.4, calibrate=x)
+    report = kd.evaluate_subtask(sub, (x, np.array([7, 2] * 4)))
+    assert report.running_params < report.params
+    # The first block's squeeze-excite ends in `relu6(x + 3.0) * (1 / 6)`,
+    # multiplied into ReLU channels: its closed channels go all the way.
+    small_logits = kd.compact(sub, include_softmax=False)
+    cm.assert_logits_close(cm.to_numpy(small_logits(x)), cm.sub_logits(sub, x),
+                           rel=1e-4)
+    conv = "expanded_conv_squeeze_excite_conv_1"
+    assert small_logits.get_layer(conv).filters < model.get_layer(conv).filters
