@@ -25,5 +25,16 @@ setuptools.setup(
         "absl-py",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    extras_require={
+        # keras_drnet.export(format="litert" / "onnx") and their runtimes.
+        "export": ["ai-edge-litert", "tf2onnx", "onnx", "onnxruntime"],
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "ai-edge-litert",
+            "tf2onnx",
+            "onnx",
+            "onnxruntime",
+        ],
+    },
 )

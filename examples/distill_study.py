@@ -85,7 +85,7 @@ _QUICK = flags.DEFINE_bool("quick", False, "Tiny run to check it works.")
 
 def compact_accuracy(small, names, test, pair):
     """Accuracy of a compact model on the pair's test images."""
-    columns = small.get_layer("class_probabilities").class_names
+    columns = small.class_names
     correct = total = 0
     for c in pair:
         predicted = np.asarray(small.predict(test[c], verbose=0)).argmax(-1)

@@ -291,7 +291,7 @@ def main(argv):
     print(
         f"Compact model {small_path}: {small.count_params():,} params "
         f"(base {model.count_params():,}); outputs "
-        f"{small.get_layer('class_probabilities').class_names}; max |compact "
+        f"{small.class_names}; max |compact "
         f"- masked| = {difference:.1e}"
     )
     if difference > 1e-4:
@@ -330,7 +330,7 @@ def smallest(model, civs, train, test, names):
         small = result
     else:
         small = kd.compact(result)
-    columns = small.get_layer("class_probabilities").class_names
+    columns = small.class_names
     wanted = [names.index(c) for c in columns]
     images, labels = [], []
     for x, y in held_out.batch(500).as_numpy_iterator():

@@ -341,7 +341,7 @@ def main(_):
                 order = rng.permutation(len(x))
                 small = kd.finetune(evaluator.sub, (x[order], y[order]),
                                     epochs=epochs, verbose=0)
-                columns = small.get_layer("class_probabilities").class_names
+                columns = small.class_names
                 logits = tf.function(lambda x, m=small: m(x, training=False))
                 correct = total = 0
                 for c in pair:

@@ -8,6 +8,8 @@ from keras_drnet.channel_gate import ChannelGate
 from keras_drnet.civ import CIVs
 from keras_drnet.compaction import compact
 from keras_drnet.dissection import dissect
+from keras_drnet.export import export
+from keras_drnet.export import read_class_names
 from keras_drnet.finetuning import finetune
 from keras_drnet.gate_fitting import GateFitter
 from keras_drnet.gate_fitting import cdrp

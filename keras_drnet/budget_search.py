@@ -230,7 +230,6 @@ def _validation_images(model, civs, indices, validation_data, max_drop):
 
 
 def _compact_accuracy(model, civs, images, labels):
-    names = model.get_layer("class_probabilities").class_names
-    columns = np.array([civs.class_names.index(n) for n in names])
+    columns = np.array([civs.class_names.index(n) for n in model.class_names])
     predicted = np.asarray(model.predict(images, verbose=0)).argmax(-1)
     return float(np.mean(columns[predicted] == labels))

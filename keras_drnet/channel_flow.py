@@ -269,7 +269,7 @@ def kind(flat):
     return "other"
 
 
-def _zero_response(flat):
+def zero_response(flat):
     """Channels a channelwise op makes non-zero from an all-zero input."""
     x = flat.node.input_tensors[0]
     zeros = keras.ops.zeros([1] + [d or 4 for d in x.shape[1:]], x.dtype)
@@ -302,7 +302,7 @@ def _forward(flat, live_in):
     if node_kind in ("dense", "separable"):
         return np.full(size, live_in[0].any()) | _bias_nonzero(op, size)
     if node_kind == "channelwise":
-        return live_in[0] | _zero_response(flat)
+        return live_in[0] | zero_response(flat)
     if node_kind == "merge_any":
         return np.logical_or.reduce(live_in)
     if node_kind == "merge_all":

@@ -9,41 +9,10 @@ from keras_drnet.channel_flow import ChannelFlow
 from keras_drnet.channel_flow import expand_flat
 from keras_drnet.channel_flow import kind
 from keras_drnet.channel_flow import reduce_flat
+from keras_drnet.channel_flow import zero_response
 from keras_drnet.channel_gate import ChannelGate
 from keras_drnet.model_surgery import as_functional
 from keras_drnet.subtask import SubtaskModel
-
-
-@keras.saving.register_keras_serializable(package="keras_drnet")
-class ClassSoftmax(keras.layers.Layer):
-    """A softmax over the last axis whose config names the classes.
-
-    Args:
-        class_names: list of str, the name of each output column.
-        **kwargs: Base layer keyword arguments, such as `name`.
-
-    Example:
-
-    ```python
-    small = keras_drnet.compact(sub)
-    small.get_layer("class_probabilities").class_names  # ['cat', 'dog']
-    ```
-    """
-
-    def __init__(self, class_names, **kwargs):
-        super().__init__(**kwargs)
-        self.class_names = list(class_names)
-
-    def call(self, inputs):
-        return keras.ops.softmax(keras.ops.cast(inputs, "float32"), axis=-1)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"class_names": self.class_names})
-        return config
 
 
 class _Groups:
@@ -197,6 +166,61 @@ def _sliced_layer(flat, kept_in, kept_out, name):
     return layer, weights
 
 
+def _zero_output_channels(flat, weights, positions):
+    """Zeroes output channels in a layer's sliced weights; False if its
+    outputs there would not become exactly 0."""
+    op, node_kind = flat.op, kind(flat)
+    if isinstance(op, keras.layers.BatchNormalization):
+        if not (op.scale and op.center):
+            return False
+        weights[0][positions] = weights[1][positions] = 0
+        return True
+    if node_kind not in ("dense", "depthwise", "separable") or (
+        getattr(op, "depth_multiplier", 1) != 1
+    ):
+        return False
+    activation = getattr(op, "activation", None)
+    if activation is not None:
+        at_zero = keras.ops.convert_to_numpy(activation(keras.ops.zeros(1)))
+        if at_zero[0] != 0:
+            return False
+    if node_kind == "depthwise":
+        weights[0][..., positions, :] = 0
+    else:
+        weights[1 if node_kind == "separable" else 0][..., positions] = 0
+    if getattr(op, "use_bias", False):
+        weights[-1][positions] = 0
+    return True
+
+
+def _fold_mask(flow, gate_flat, closed, layers, kept, readers, calls):
+    """Folds a gate's remaining 0 entries into the weights upstream of it.
+
+    Walks back from the gate through ops that map 0 to 0 on the closed
+    channels (ReLU, pooling, ...) to the Conv/Dense/BatchNorm producing
+    them, and zeroes those output channels there. Every tensor on the way
+    must have the walk as its only reader. Returns False (nothing changed)
+    where that is not possible, e.g. after a residual Add.
+    """
+    producers = {key: flat for flat in flow.nodes for key in flat.outputs}
+    key = gate_flat.inputs[0]
+    while key in producers and readers[key] == 1:
+        flat = producers[key]
+        op = flat.op
+        if calls[id(op)] != 1:
+            return False
+        if isinstance(op, keras.layers.BatchNormalization) or kind(flat) in (
+            "dense", "depthwise", "separable"
+        ):
+            return _zero_output_channels(flat, layers[id(op)][1], closed)
+        if kind(flat) != "channelwise" or zero_response(flat)[
+            kept[key][closed]
+        ].any():
+            return False
+        key = flat.inputs[0]
+    return False
+
+
 def compact(sub, include_softmax=True):
     """Builds a physically smaller model computing a sub-task.
 
@@ -208,19 +232,26 @@ def compact(sub, include_softmax=True):
     `Multiply`, ...) form one group, removed only where every member can
     lose it; `Concatenate` maps indices into each branch; a layer called
     twice is sliced once. The classifier keeps only the sub-task's classes,
-    in the order of `sub.classes`, followed by a plain softmax that carries
-    the class names (`ClassSoftmax`).
+    in the order of `sub.classes`, then a `Softmax` layer.
 
     A kept channel that the CCIV switches off somewhere in its group (e.g. a
-    residual branch keeps a channel that one gate closes) keeps a
-    `ChannelGate` with the remaining 0/1 mask, so outputs stay equal; a group
+    residual branch keeps a channel that one gate closes) is zeroed in the
+    weights upstream of its gate (the Conv/Dense/BatchNorm producing it);
+    where nothing upstream can carry the zero (after a residual `Add`), a
+    `Rescaling` layer with the 0/1 mask and the gate's name stays. A group
     that would end with no channel keeps its first (zero or unread)
-    channel. Nested models are inlined: the result is one flat functional
-    model.
+    channel. Nested models are inlined. The result is one flat functional
+    model of standard Keras layers: its `.keras` file loads without this
+    package.
+
+    The model's `class_names` attribute names its output columns. Keras's
+    own `save()`/`export()` do not write it: `keras_drnet.export(small,
+    path, format=...)` writes it into every artifact (`.keras`, SavedModel,
+    LiteRT, ONNX).
 
     Args:
         sub: `keras_drnet.SubtaskModel`.
-        include_softmax: bool. End in `ClassSoftmax` (default) or in logits.
+        include_softmax: bool. End in `Softmax` (default) or in logits.
 
     Returns:
         A functional `keras.Model` with output `[batch, len(sub.classes)]`,
@@ -231,7 +262,8 @@ def compact(sub, include_softmax=True):
     ```python
     small = keras_drnet.compact(sub)
     small.count_params()
-    small.export("cat_dog_small")  # or tf.lite.TFLiteConverter
+    small.class_names  # ['cat', 'dog']
+    keras_drnet.export(small, "cat_dog.tflite", format="litert")
     ```
     """
     if not isinstance(sub, SubtaskModel):
@@ -262,6 +294,9 @@ def compact(sub, include_softmax=True):
         )
     inputs = [tensors[key] for key in flow.input_keys]
     layers, names = {}, set()
+    readers = collections.Counter(k for f in flow.nodes for k in f.inputs)
+    readers.update(flow.output_keys)
+    calls = collections.Counter(id(f.op) for f in flow.nodes)
 
     def unique(name):
         base, k = name, 1
@@ -280,15 +315,26 @@ def compact(sub, include_softmax=True):
         kept_in = kept[flat.inputs[0]] if flat.inputs else None
         kept_out = kept[flat.outputs[0]]
         if isinstance(op, ChannelGate):
-            mask = keras.ops.convert_to_numpy(op.gate)[kept_out]
-            if (mask == 1).all():
-                tensors[flat.outputs[0]] = args[0]
-                continue
             if id(op) not in layers:
-                gate = ChannelGate(
-                    axis=op.axis, source=op.source, name=unique(op.name)
+                mask = keras.ops.convert_to_numpy(op.gate)[kept_out]
+                closed = np.flatnonzero(mask == 0)
+                if not closed.size or (
+                    calls[id(op)] == 1
+                    and _fold_mask(flow, flat, closed, layers, kept, readers,
+                                   calls)
+                ):
+                    tensors[flat.outputs[0]] = args[0]
+                    continue
+                # Unfoldable (e.g. after a residual Add): a plain Keras mask.
+                rank = len(flat.node.input_tensors[0].shape)
+                shape = [1] * (rank - 1)
+                shape[op.axis % rank - 1] = mask.size
+                layers[id(op)] = (
+                    keras.layers.Rescaling(
+                        mask.reshape(shape), name=unique(op.name)
+                    ),
+                    [],
                 )
-                layers[id(op)] = (gate, [mask])
             layer = layers[id(op)][0]
         elif not isinstance(op, keras.Layer):
             layer = op
@@ -304,12 +350,16 @@ def compact(sub, include_softmax=True):
     outputs = tensors[flow.output_keys[0]]
     names_out = [sub.civs.class_names[i] for i in classes]
     if include_softmax:
-        outputs = ClassSoftmax(names_out, name="class_probabilities")(outputs)
+        outputs = keras.layers.Softmax(
+            name="class_probabilities", dtype="float32"
+        )(outputs)
     small = keras.Model(
         inputs[0] if len(inputs) == 1 else inputs,
         outputs,
         name=f"{sub.name}_compact",
     )
     for layer, weights in layers.values():
-        layer.set_weights(weights)
+        if weights:
+            layer.set_weights(weights)
+    small.class_names = names_out
     return small

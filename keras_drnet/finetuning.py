@@ -13,7 +13,6 @@ from keras_drnet.batching import labelled_elements
 from keras_drnet.batching import model_input_shape
 from keras_drnet.calibration import batchnorm_layers
 from keras_drnet.calibration import record_statistics
-from keras_drnet.compaction import ClassSoftmax
 from keras_drnet.compaction import compact
 
 
@@ -155,8 +154,8 @@ def finetune(
 
     Returns:
         The fine-tuned compact model (see `keras_drnet.compact()`): outputs
-        are the probabilities of the sub-task's classes, in the order named
-        by its `ClassSoftmax` layer; its `history` holds the loss (and, for
+        are the probabilities of the sub-task's classes, in the order of
+        its `class_names`; its `history` holds the loss (and, for
         hard labels, the accuracy) of each epoch.
 
     Example:
@@ -173,11 +172,8 @@ def finetune(
         epochs, distill, temperature, label_weight, images, learning_rate
     )
     model = compact(sub)
-    softmax = next(
-        layer for layer in model.layers if isinstance(layer, ClassSoftmax)
-    )
     # The compact model's output columns, as the original model's classes.
-    columns = [sub.civs.class_names.index(n) for n in softmax.class_names]
+    columns = [sub.civs.class_names.index(n) for n in model.class_names]
     data, labelled = _elements(sub, ds, columns, keep_all=images == "all")
     if not labelled and not distill:
         raise ValueError(
@@ -194,7 +190,7 @@ def finetune(
     if count == 0:
         raise ValueError(
             "`ds` has no image of the sub-task's classes "
-            f"{softmax.class_names}; pass images of those classes."
+            f"{model.class_names}; pass images of those classes."
         )
     data = data.apply(tf.data.experimental.assert_cardinality(count))
     batches = data.shuffle(shuffle_buffer).batch(batch_size)

@@ -332,8 +332,15 @@ def check_compact_equals(sub, x, rel=2e-5, atol=1e-4, input_dependent=True):
     return small, small_logits, rel_err
 
 
-def gates_in(model):
-    return [l for l in model.layers if isinstance(l, ChannelGate)]
+def masks_in(model):
+    """`{gate name: 0/1 mask}` of the gates a compact model still applies
+    (as `Rescaling` layers: after a residual Add they cannot be folded)."""
+    assert not any(isinstance(l, ChannelGate) for l in model.layers)
+    return {
+        l.name: np.ravel(l.scale)
+        for l in model.layers
+        if isinstance(l, layers.Rescaling) and l.name.endswith("_gate")
+    }
 
 
 def all_layers_have_channels(model):
@@ -350,11 +357,9 @@ def all_layers_have_channels(model):
 
 def tflite_predict(flatbuffer, x):
     """Runs a TFLite flatbuffer on the batch `x` (input resized to it)."""
-    import warnings
+    from ai_edge_litert.interpreter import Interpreter
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    interpreter = Interpreter(model_content=flatbuffer)
     inp = interpreter.get_input_details()[0]
     interpreter.resize_tensor_input(inp["index"], list(x.shape))
     interpreter.allocate_tensors()

@@ -82,7 +82,7 @@ def test_search_with_a_finetune_measures_the_finetuned_model(case):
         budgets=(0.8, 1.0), finetune={"ds": (x, y), "epochs": 1,
                                       "learning_rate": 0.0},
         verbose=0)
-    names = small.get_layer("class_probabilities").class_names
+    names = small.class_names
     columns = np.array([sm.NAMES.index(n) for n in names])
     predicted = columns[np.asarray(small.predict(x, verbose=0)).argmax(-1)]
     assert table[0]["budget"] == 0.8

@@ -24,7 +24,6 @@ import tensorflow as tf
 
 import _compaction_models as cm
 import keras_drnet as kd
-from keras_drnet.compaction import ClassSoftmax
 
 CLASSES = ["c7", "c2", "c4"]  # deliberately not sorted
 CLASS_IDX = [7, 2, 4]
@@ -214,7 +213,7 @@ def test_compact_equals_the_sub_task_for_a_dissected_vgg(
         sub, images, input_dependent=budget > 0.1
     )
     assert rel_err < 2e-5
-    assert small.get_layer("class_probabilities").class_names == classes
+    assert small.class_names == classes
     assert small.count_params() < model.count_params()
 
 
@@ -241,7 +240,7 @@ def test_compact_equals_the_sub_task_for_a_dissected_application(
     cm.amplify_head(sub, images)
     small, _, rel_err = cm.check_compact_equals(sub, images)
     assert rel_err < 2e-5
-    assert small.get_layer("class_probabilities").class_names == [
+    assert small.class_names == [
         "ship", "dog",
     ]
     assert small.count_params() < zoo.model(arch).count_params()
@@ -281,9 +280,10 @@ def test_compact_model_is_flat_and_plain(zoo, x32, arch):
     _, small, _, _ = zoo.compacted(arch, BUDGETS[arch][1], x32)
     assert isinstance(small, keras.Model)
     assert not any(isinstance(l, keras.Model) for l in small.layers)
-    assert isinstance(small.layers[-1], ClassSoftmax)
+    assert isinstance(small.layers[-1], keras.layers.Softmax)
     assert small.layers[-1].name == "class_probabilities"
-    assert small.get_layer("class_probabilities").class_names == CLASSES
+    assert small.class_names == CLASSES
+    assert not any(isinstance(l, kd.ChannelGate) for l in small.layers)
 
 
 def test_classifier_has_the_classes_in_the_given_order(zoo, x32):
@@ -309,19 +309,18 @@ def test_classifier_has_the_classes_in_the_given_order(zoo, x32):
     )
 
 
-def test_class_names_and_outputs_survive_keras_save_and_load(
+def test_class_names_and_outputs_survive_keras_export_and_load(
     zoo, x32, tmp_path
 ):
     model = zoo.model("vgg")
     sub = kd.subtask(model, zoo.random_civs("vgg"), ["c7", "c2"], budget=0.3)
     cm.amplify_head(sub, x32)
     small = kd.compact(sub)
-    assert small.get_layer("class_probabilities").class_names == ["c7", "c2"]
+    assert small.class_names == ["c7", "c2"]
     path = os.path.join(tmp_path, "small.keras")
-    small.save(path)
+    kd.export(small, path, format="keras")
     loaded = keras.models.load_model(path)
-    assert loaded.get_layer("class_probabilities").class_names == ["c7", "c2"]
-    assert isinstance(loaded.get_layer("class_probabilities"), ClassSoftmax)
+    assert kd.read_class_names(path) == ["c7", "c2"]
     want = cm.sub_probabilities(sub, x32)
     np.testing.assert_allclose(cm.to_numpy(loaded(x32)), want, atol=1e-5)
     assert loaded.count_params() == small.count_params()
@@ -403,14 +402,15 @@ def _resnet50_expected_extra(cciv):
     per_layer["predictions"] = (union[5] - last[5]) * len(cciv.classes)
     weights = sum(per_layer.values())
     # A block's out gate that closes some of the stage's kept channels
-    # stays in the model with its remaining mask (U_s values, counted by
-    # `count_params()` though not by the report, which skips gates).
-    for s, n in blocks.items():
-        for b in range(1, n + 1):
-            if count(f"conv{s}_block{b}_out_gate") < union[s]:
-                per_layer[f"conv{s}_block{b}_out_gate"] = union[s]
-    gate_values = sum(per_layer.values()) - weights
-    return weights, gate_values, per_layer, union
+    # follows the residual Add: it stays as a mask (`Rescaling`, no
+    # parameters).
+    masked = {
+        f"conv{s}_block{b}_out_gate"
+        for s, n in blocks.items()
+        for b in range(1, n + 1)
+        if count(f"conv{s}_block{b}_out_gate") < union[s]
+    }
+    return weights, masked, per_layer, union
 
 
 @pytest.mark.parametrize("budget", [0.1, 0.3, 0.7])
@@ -422,15 +422,12 @@ def test_resnet50_keeps_coupled_residual_channels_beyond_running_params(
     params = small_logits.count_params()
     assert small.count_params() == params
     assert params >= report.running_params
-    weights, gate_values, per_layer, union = _resnet50_expected_extra(
-        sub.cciv
-    )
-    assert params - report.running_params == weights + gate_values
+    weights, masked, per_layer, union = _resnet50_expected_extra(sub.cciv)
+    assert params - report.running_params == weights
     # Coupling keeps real weights (at budget 0.3: 2,664,148 on top of
     # 2,080,661 running ones, as the union over a stage's 3-6 out gates is
     # much larger than one gate), yet far less than the whole model.
     assert weights > 0.25 * report.running_params
-    assert 0 < gate_values < 0.01 * weights
     assert params < 0.7 * report.params
     # Per layer: only the layers touching residual tensors differ.
     running = {cost.name: cost.running_params for cost in report.layers}
@@ -444,12 +441,10 @@ def test_resnet50_keeps_coupled_residual_channels_beyond_running_params(
         for b in range(1, n + 1):
             conv = small_logits.get_layer(f"conv{s}_block{b}_3_conv")
             assert conv.filters == union[s], conv.name
-    # Where a kept residual channel is closed by a block's own gate, the
-    # gate stays with the remaining mask; no other gate stays.
-    kept_gates = {g.name: cm.to_numpy(g.gate) for g in cm.gates_in(small)}
-    assert set(kept_gates) == {
-        name for name in per_layer if name.endswith("_out_gate")
-    }
+    # Where a kept residual channel is closed by a block's own out gate
+    # (after the Add), a mask stays; every other gate is folded or gone.
+    kept_gates = cm.masks_in(small)
+    assert masked and set(kept_gates) == masked
     gates = sub.cciv.per_gate()
     for name, mask in kept_gates.items():
         stage = int(name[4])
@@ -507,7 +502,6 @@ def test_outputs_equal_after_keras_save_and_load(zoo, x32, arch, tmp_path):
     path = os.path.join(tmp_path, "small.keras")
     small.save(path)
     loaded = keras.models.load_model(path)
-    assert loaded.get_layer("class_probabilities").class_names == CLASSES
     assert loaded.count_params() == small.count_params()
     _assert_same_as_sub_task(
         cm.to_numpy(_logits_and_probabilities(loaded)(x32)), sub, x32, arch
@@ -668,8 +662,13 @@ def test_residual_group_keeps_a_channel_open_in_one_member(x8):
     assert small.get_layer("conv_b").filters == 3
     assert small.get_layer("conv_b").kernel.shape[2] == 3
     assert small.get_layer("head").kernel.shape == (3, 2)
-    gates = {g.name: cm.to_numpy(g.gate).tolist() for g in cm.gates_in(small)}
-    assert gates == {"conv_a_gate": [1, 1, 0], "conv_b_gate": [0, 1, 1]}
+    # The remaining closed channels are zeroed in conv_a/conv_b (ReLU(0) is
+    # 0): conv_a's kept channel 3 and conv_b's kept channel 0.
+    assert cm.masks_in(small) == {}
+    for name, closed in (("conv_a", 2), ("conv_b", 0)):
+        kernel, bias = small.get_layer(name).get_weights()
+        assert not kernel[..., closed].any() and bias[closed] == 0
+        assert kernel[..., [c for c in range(3) if c != closed]].any()
     # Without the kept gates the outputs would differ: the closed channels
     # carry signal before their gate.
     raw = cm.to_numpy(model(x))[:, [2, 0]]
@@ -685,8 +684,10 @@ def test_closed_channel_with_a_batchnorm_shift_is_kept(features, x8):
     x = x8
     small, _, _ = cm.check_compact_equals(sub, x)
     assert small.get_layer("conv1").filters == 5  # channel 3 removed
-    (gate,) = [g for g in cm.gates_in(small) if g.name == "conv1_gate"]
-    assert cm.to_numpy(gate.gate).tolist() == [1, 0, 1, 1, 1]
+    # Closed channel 1 is zeroed in conv1 itself, before the BN shift.
+    assert cm.masks_in(small) == {}
+    kernel, bias = small.get_layer("conv1").get_weights()
+    assert not kernel[..., 1].any() and bias[1] == 0
 
 
 # ---------------------------------------------------------------------------
@@ -705,7 +706,7 @@ def test_all_ones_cciv_drops_only_the_other_classes_rows(zoo, x32, arch):
     dropped = cm.NUM_CLASSES - len(CLASSES)
     expected = model.count_params() - dropped * (fan_in + 1)
     assert small.count_params() == expected
-    assert cm.gates_in(small) == []
+    assert cm.masks_in(small) == {}
     cm.assert_logits_close(cm.to_numpy(small(x32)), cm.sub_logits(sub, x32))
     # Same as the original model's logits.
     cm.assert_logits_close(

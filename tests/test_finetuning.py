@@ -42,7 +42,7 @@ def test_finetune_learns_the_subtask_from_original_labels(sub):
     x, y = labelled()
     small = kd.finetune(sub, (x, y), epochs=30,
                         optimizer=keras.optimizers.Adam(0.01), verbose=0)
-    names = small.get_layer("class_probabilities").class_names
+    names = small.class_names
     assert sorted(names) == ["cat", "dog"]
     keep = np.isin(y, [0, 1])
     predicted = np.asarray(small.predict(x[keep], verbose=0)).argmax(-1)
@@ -90,7 +90,7 @@ def test_bad_arguments_are_refused(sub):
 
 def _kl_to_teacher(teacher, small, x):
     """Mean KL(teacher || student) over `x`, on the student's columns."""
-    names = small.get_layer("class_probabilities").class_names
+    names = small.class_names
     columns = [sm.NAMES.index(n) for n in names]
     logits = keras.ops.convert_to_numpy(teacher(x))[:, columns]
     p = sm.masked_softmax(logits, range(len(columns)))
