@@ -19,6 +19,7 @@ from keras_drnet.reconstruction import CCIV
 from keras_drnet.reconstruction import combine
 from keras_drnet.reporting import SubtaskReport
 from keras_drnet.reporting import evaluate_subtask
+from keras_drnet.serving import export_dynamic
 from keras_drnet.subtask import SubtaskModel
 from keras_drnet.subtask import subtask
 

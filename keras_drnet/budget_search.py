@@ -70,6 +70,7 @@ def smallest_subtask(
         compact model); `table` is a list of dicts, one per budget tried, in
         budget order: `budget`, `running_params` (and
         `running_params_fraction`), `running_flops` (and fraction),
+        `compact_params` and `compact_flops` (what the compact model has),
         `accuracy`, `full_net_accuracy`, `drop` (pp), `met` and `seconds`.
         If no budget meets `max_drop`, the largest is returned with a
         warning.
@@ -128,6 +129,8 @@ def smallest_subtask(
             "running_params_fraction": report.running_params_fraction,
             "running_flops": report.running_flops,
             "running_flops_fraction": report.running_flops_fraction,
+            "compact_params": report.compact_params,
+            "compact_flops": report.compact_flops,
             "accuracy": accuracy,
             "full_net_accuracy": report.full_net_accuracy,
             "drop": drop,

@@ -457,14 +457,18 @@ def running_costs(gated_model, output_mask=None):
         list of `LayerCost`, one per layer with weights or MACs.
     """
     flow = ChannelFlow(gated_model, output_mask)
+    return layer_costs(flow, flow.live, flow.need)
+
+
+def layer_costs(flow, live, need):
+    """`LayerCost`s of `flow`'s layers given which channels of each tensor
+    key are live (read by a weight) and needed (written by one)."""
     costs = {}
     for flat in flow.nodes:
         if isinstance(flat.op, ChannelGate):
             continue
         params, running, macs, running_macs = _layer_cost(
-            flat,
-            [flow.live[k] for k in flat.inputs],
-            flow.need[flat.outputs[0]],
+            flat, [live[k] for k in flat.inputs], need[flat.outputs[0]]
         )
         if not (params or macs):
             continue

@@ -8,6 +8,7 @@ import numpy as np
 from keras_drnet.channel_flow import ChannelFlow
 from keras_drnet.channel_flow import expand_flat
 from keras_drnet.channel_flow import kind
+from keras_drnet.channel_flow import layer_costs
 from keras_drnet.channel_flow import reduce_flat
 from keras_drnet.channel_flow import zero_response
 from keras_drnet.channel_gate import ChannelGate
@@ -221,6 +222,39 @@ def _fold_mask(flow, gate_flat, closed, layers, kept, readers, calls):
     return False
 
 
+def _plan(sub):
+    """`(flow, kept channels per tensor key, output classes in order)`."""
+    if not isinstance(sub, SubtaskModel):
+        raise TypeError(
+            "`compact` takes the `SubtaskModel` from `keras_drnet.subtask("
+            "model, civs, classes, ...)`, which says which channels and "
+            f"classes to keep. Received: {type(sub).__name__}"
+        )
+    classes = list(sub.cciv.classes)
+    class_mask = np.zeros(sub.civs.num_classes, bool)
+    class_mask[classes] = True
+    flow = ChannelFlow(sub._logits_model, class_mask)
+    kept = _kept_channels(flow, flow.nodes[-1], class_mask)
+    head = _classifier_keys(flow)
+    if head:
+        for key in head:
+            kept[key] = np.asarray(classes)
+    else:
+        classes = sorted(classes)
+    return flow, kept, classes
+
+
+def compact_costs(sub):
+    """Per-layer `LayerCost`s of `compact(sub)`, without building it: its
+    parameters and MACs are the `running_*` fields."""
+    flow, kept, _ = _plan(sub)
+    masks = {}
+    for key, live in flow.live.items():
+        masks[key] = np.zeros(live.size, bool)
+        masks[key][kept[key]] = True
+    return layer_costs(flow, masks, masks)
+
+
 def compact(sub, include_softmax=True):
     """Builds a physically smaller model computing a sub-task.
 
@@ -266,27 +300,8 @@ def compact(sub, include_softmax=True):
     keras_drnet.export(small, "cat_dog.tflite", format="litert")
     ```
     """
-    if not isinstance(sub, SubtaskModel):
-        raise TypeError(
-            "`compact` takes the `SubtaskModel` from `keras_drnet.subtask("
-            "model, civs, classes, ...)`, which says which channels and "
-            f"classes to keep. Received: {type(sub).__name__}"
-        )
-    classes = list(sub.cciv.classes)
-    model = sub._logits_model
-    class_mask = np.zeros(sub.civs.num_classes, bool)
-    class_mask[classes] = True
-    flow = ChannelFlow(model, class_mask)
-    final = flow.nodes[-1]
-    kept = _kept_channels(flow, final, class_mask)
-    head = _classifier_keys(flow)
-    if head:
-        for key in head:
-            kept[key] = np.asarray(classes)
-    else:
-        classes = sorted(classes)
-
-    functional = as_functional(model)
+    flow, kept, classes = _plan(sub)
+    functional = as_functional(sub._logits_model)
     tensors = {}
     for key, tensor in zip(flow.input_keys, functional.inputs):
         tensors[key] = keras.Input(

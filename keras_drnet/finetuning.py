@@ -201,8 +201,9 @@ def finetune(
         steps = int(epochs) * math.ceil(count / batch_size)
         schedule = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
         optimizer = keras.optimizers.SGD(schedule, momentum=0.9)
+    logits = model.get_layer("class_probabilities").input
     trainer = Distiller(
-        keras.Model(model.input, softmax.input),
+        keras.Model(model.input, logits),
         sub.full_logits_model() if distill else None,
         columns,
         temperature,

@@ -13,6 +13,7 @@ from keras_drnet.channel_flow import data_formats
 from keras_drnet.channel_flow import flat_nodes
 from keras_drnet.channel_flow import running_costs
 from keras_drnet.channel_gate import per_sample_gates
+from keras_drnet.compaction import compact_costs
 
 
 @dataclasses.dataclass
@@ -25,9 +26,13 @@ class SubtaskReport:
         full_net_accuracy: all channels, masked softmax ("Full-Net Acc.").
         sub_net_accuracy: the sub-task's channels, masked softmax.
         running_channels: fraction of gated channels that run.
-        params, running_params: parameters of the model and those that run.
+        params, running_params: parameters of the model and those that run
+            (the masked ideal).
         flops, running_flops: multiply-accumulates per image, total and
             running.
+        compact_params, compact_flops: what `keras_drnet.compact(sub)`
+            really has: at least the running figures, more where residual
+            adds or concatenations tie a closed channel to a kept one.
         gates: per gate, `(name, total channels, kept channels)`.
         layers: per layer, `keras_drnet.channel_flow.LayerCost`.
     """
@@ -41,6 +46,8 @@ class SubtaskReport:
     running_params: int
     flops: int
     running_flops: int
+    compact_params: int
+    compact_flops: int
     gates: list
     layers: list
 
@@ -63,7 +70,11 @@ class SubtaskReport:
             f"  running params:   {self.running_params:,} of "
             f"{self.params:,} ({self.running_params_fraction:.1%})\n"
             f"  running FLOPs:    {self.running_flops:,} of {self.flops:,} "
-            f"MACs/image ({self.running_flops_fraction:.1%})"
+            f"MACs/image ({self.running_flops_fraction:.1%})\n"
+            f"  compact model:    {self.compact_params:,} params "
+            f"({self.compact_params / self.params:.1%}), "
+            f"{self.compact_flops:,} MACs/image "
+            f"({self.compact_flops / self.flops:.1%})"
         )
 
     def plot(self, path=None):
@@ -141,7 +152,8 @@ def evaluate_subtask(sub, ds, batch_size=256):
     the sub-task do not run; a BatchNormalization channel runs if it is read
     downstream; other layers' weights always run; gates are not counted.
     FLOPs are multiply-accumulates of the convolution and dense layers per
-    image.
+    image. `compact_params`/`compact_flops` are those of the model
+    `keras_drnet.compact(sub)` builds (counted from the same plan).
 
     Args:
         sub: `keras_drnet.SubtaskModel`.
@@ -164,6 +176,7 @@ def evaluate_subtask(sub, ds, batch_size=256):
     # Logits of the classes outside the sub-task are never read.
     class_mask = keras.ops.convert_to_numpy(sub.class_mask) > 0
     costs = running_costs(sub._logits_model, class_mask)
+    small_costs = compact_costs(sub)
     elements = sub.live_elements(ds)
     predict = _predictions(sub, dtype)
     full_correct = sub_correct = count = 0
@@ -189,6 +202,8 @@ def evaluate_subtask(sub, ds, batch_size=256):
         running_params=sum(c.running_params for c in costs),
         flops=sum(c.macs for c in costs),
         running_flops=sum(c.running_macs for c in costs),
+        compact_params=sum(c.running_params for c in small_costs),
+        compact_flops=sum(c.running_macs for c in small_costs),
         gates=[
             (entry.name, entry.channels, int(m.sum()))
             for entry, m in zip(sub.cciv.layout, sub.cciv.per_gate().values())

@@ -428,6 +428,39 @@ def _civs_from_config(config):
     )
 
 
+def gated_copy(model, civs):
+    """A gated model matching `civs` that shares no state with `model`.
+
+    Checks that `model` is a classifier that the CIVs were dissected from.
+    """
+    if not isinstance(civs, CIVs):
+        raise TypeError(
+            "`civs` must be `keras_drnet.CIVs` (from `keras_drnet.dissect()` "
+            f"or `CIVs.load()`). Received: {type(civs).__name__}"
+        )
+    check_classifier(model)
+    if civs.fingerprint != model_fingerprint(model):
+        raise ValueError(
+            "These CIVs were dissected from another model (or from this "
+            "architecture with other weights): their fingerprint does not "
+            "match `model`. Run `keras_drnet.dissect(model, ...)` on this "
+            "model, or load the CIVs file made for it."
+        )
+    select = civs.config.get("select", "all")
+    gated_model = gated(model, select if isinstance(select, str) else "all")
+    if gate_layout(gated_model) != civs.layout:
+        raise ValueError(
+            "The gates of `model` do not match the CIVs' layout (the "
+            "dissection used another `select`). Pass the gated model used "
+            "for the dissection instead."
+        )
+    if gated_model is model:
+        # Masks (and calibration's BatchNorm statistics) are written into the
+        # gated model: never into the user's, nor one another sub-task has.
+        gated_model = copy_model(model)
+    return gated_model
+
+
 def subtask(
     model,
     civs,
@@ -467,31 +500,7 @@ def subtask(
     sub.export("cat_dog_savedmodel")
     ```
     """
-    if not isinstance(civs, CIVs):
-        raise TypeError(
-            "`civs` must be `keras_drnet.CIVs` (from `keras_drnet.dissect()` "
-            f"or `CIVs.load()`). Received: {type(civs).__name__}"
-        )
-    check_classifier(model)
-    if civs.fingerprint != model_fingerprint(model):
-        raise ValueError(
-            "These CIVs were dissected from another model (or from this "
-            "architecture with other weights): their fingerprint does not "
-            "match `model`. Run `keras_drnet.dissect(model, ...)` on this "
-            "model, or load the CIVs file made for it."
-        )
-    select = civs.config.get("select", "all")
-    gated_model = gated(model, select if isinstance(select, str) else "all")
-    if gate_layout(gated_model) != civs.layout:
-        raise ValueError(
-            "The gates of `model` do not match the CIVs' layout (the "
-            "dissection used another `select`). Pass the gated model used "
-            "for the dissection instead."
-        )
-    if gated_model is model:
-        # Masks (and calibration's BatchNorm statistics) are written into the
-        # gated model: never into the user's, nor one another sub-task has.
-        gated_model = copy_model(model)
+    gated_model = gated_copy(model, civs)
     sub = SubtaskModel(
         gated_model,
         civs,

@@ -69,8 +69,9 @@ def vgg_bn(seed=0, filters=(16, 32, 64), input_shape=(32, 32, 3),
     return model
 
 
-def application(name):
-    """A keras.applications model, random weights, 32x32x3 -> 10 logits.
+def application(name, size=32):
+    """A keras.applications model, random weights, (size, size, 3) -> 10
+    logits.
 
     Its classifier is scaled so that the logits of images in [0, 1] reach
     ~5 (at random initialisation they are ~1e-2 to 1e-12, which makes the
@@ -80,11 +81,11 @@ def application(name):
     keras.utils.set_random_seed(0)
     model = getattr(keras.applications, name)(
         weights=None,
-        input_shape=(32, 32, 3),
+        input_shape=(size, size, 3),
         classes=NUM_CLASSES,
         classifier_activation=None,
     )
-    x = np.random.default_rng(9).uniform(0, 1, (8, 32, 32, 3))
+    x = np.random.default_rng(9).uniform(0, 1, (8, size, size, 3))
     logits = to_numpy(model(x.astype("float32")))
     head = model.layers[-1]
     factor = 5.0 / float(np.abs(logits).max())

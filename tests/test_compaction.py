@@ -24,6 +24,7 @@ import tensorflow as tf
 
 import _compaction_models as cm
 import keras_drnet as kd
+from keras_drnet.channel_flow import running_costs
 
 CLASSES = ["c7", "c2", "c4"]  # deliberately not sorted
 CLASS_IDX = [7, 2, 4]
@@ -63,6 +64,8 @@ def zoo():
             if arch not in self.models:
                 if arch == "vgg":
                     self.models[arch] = cm.vgg_bn()
+                elif arch == "Xception":  # needs 71 x 71 at least
+                    self.models[arch] = cm.application(arch, size=71)
                 else:
                     self.models[arch] = cm.application(arch)
             return self.models[arch]
@@ -413,6 +416,24 @@ def _resnet50_expected_extra(cciv):
     return weights, masked, per_layer, union
 
 
+@pytest.mark.parametrize("arch", ["ResNet50", "DenseNet121", "Xception"])
+def test_report_states_what_the_compact_model_really_has(zoo, x32, arch):
+    if arch == "Xception":
+        x32 = np.random.default_rng(1).uniform(0, 1, (2, 71, 71, 3))
+        x32 = x32.astype("float32")
+    budget = BUDGETS.get(arch, (0.3,))[0]
+    sub, small, small_logits, _ = zoo.compacted(arch, budget, x32)
+    report = kd.evaluate_subtask(sub, (x32, _labels_for(sub, len(x32))))
+    assert report.compact_params == small.count_params()
+    # Residual adds (ResNet50, Xception) and concatenations (DenseNet121)
+    # keep channels that no gate of the sub-task runs.
+    assert report.running_params < report.compact_params < report.params
+    assert report.running_flops <= report.compact_flops < report.flops
+    assert report.compact_flops == sum(
+        c.macs for c in running_costs(small_logits))
+    assert f"compact model:    {report.compact_params:,} params" in str(report)
+
+
 @pytest.mark.parametrize("budget", [0.1, 0.3, 0.7])
 def test_resnet50_keeps_coupled_residual_channels_beyond_running_params(
     zoo, x32, budget
@@ -424,6 +445,7 @@ def test_resnet50_keeps_coupled_residual_channels_beyond_running_params(
     assert params >= report.running_params
     weights, masked, per_layer, union = _resnet50_expected_extra(sub.cciv)
     assert params - report.running_params == weights
+    assert report.compact_params == params
     # Coupling keeps real weights (at budget 0.3: 2,664,148 on top of
     # 2,080,661 running ones, as the union over a stage's 3-6 out gates is
     # much larger than one gate), yet far less than the whole model.

@@ -1,0 +1,183 @@
+"""One SavedModel that serves any sub-task, chosen per request."""
+
+import keras
+import tensorflow as tf
+
+from keras_drnet.channel_gate import per_sample_gates
+from keras_drnet.model_surgery import list_gates
+from keras_drnet.model_surgery import split_softmax
+from keras_drnet.reconstruction import _gate_spans
+from keras_drnet.reconstruction import combine
+from keras_drnet.subtask import SubtaskModel
+from keras_drnet.subtask import gated_copy
+
+
+def _cciv_fn(civs, threshold, budget, budget_scope, empty_gates):
+    """`classes (multi-hot) -> 0/1 mask`, the in-graph `combine(union)`."""
+    vectors = tf.constant(civs.vectors, tf.float32)
+    spans = _gate_spans(civs.layout)
+    total = int(vectors.shape[1])
+    budget_spans = spans if budget_scope == "gate" else [(0, total)]
+
+    def top(part, count):
+        # `np.argsort(-part, kind="stable")`: ties keep channel order.
+        order = tf.argsort(-part, stable=True)[:count]
+        return tf.reduce_max(tf.one_hot(order, tf.size(part)), axis=0)
+
+    def cciv(selected):
+        scores = tf.reduce_max(
+            tf.where(selected[:, None], vectors, float("-inf")), axis=0
+        )
+        if budget is not None:
+            mask = tf.concat(
+                [
+                    top(scores[a:b], max(1, int(round(budget * (b - a)))))
+                    for a, b in budget_spans
+                ],
+                axis=0,
+            )
+        else:
+            mask = tf.cast(scores >= threshold, tf.float32)
+        if empty_gates == "keep_best":
+            mask = tf.concat(
+                [
+                    tf.where(
+                        tf.reduce_any(mask[a:b] > 0),
+                        mask[a:b],
+                        top(scores[a:b], 1),
+                    )
+                    for a, b in spans
+                ],
+                axis=0,
+            )
+        return mask
+
+    return cciv
+
+
+def export_dynamic(
+    model,
+    civs,
+    filepath,
+    threshold=None,
+    budget=None,
+    budget_scope="model",
+    empty_gates="keep_best",
+    subtasks=None,
+    verbose=False,
+):
+    """Writes one SavedModel whose sub-task is chosen by each request.
+
+    The device stores one network and the CIVs (paper, sec. 1). Endpoints:
+
+    - `serve(images, classes)`: `classes` is a multi-hot vector
+      `[num_classes]` (bool or int32). The CCIV is computed in the graph
+      from the CIVs (union, with `threshold` or `budget`, as
+      `keras_drnet.combine()`), the masks are applied per request, and the
+      result is the masked softmax `[batch, num_classes]` (0 outside the
+      classes). Nothing is shared between requests, so concurrent calls
+      cannot see each other's sub-task. The BatchNorm statistics are the
+      model's own.
+    - `serve_named(images, name)`: one of the pre-built `subtasks` (e.g.
+      recalibrated with `calibrate=`), by name; each bundles its own copy
+      of the weights.
+    - `class_names()`, `subtask_names()`.
+
+    Args:
+        model: the classifier the CIVs were dissected from.
+        civs: `keras_drnet.CIVs`.
+        filepath: str, the SavedModel directory.
+        threshold, budget, budget_scope, empty_gates: as in
+            `keras_drnet.combine()` (method `"union"`).
+        subtasks: optional dict `{name: SubtaskModel}` of sub-tasks of the
+            same model.
+        verbose: bool, whether Keras prints what it writes.
+
+    Example:
+
+    ```python
+    keras_drnet.export_dynamic(model, civs, "drnet_served", budget=0.33,
+                               subtasks={"cat-dog": cat_dog_sub})
+    served = tf.saved_model.load("drnet_served")
+    classes = tf.constant([0, 0, 0, 1, 0, 1, 0, 0, 0, 0])  # cat, dog
+    served.serve(images, classes)
+    served.serve_named(images, tf.constant("cat-dog"))
+    ```
+    """
+    gated_model = gated_copy(model, civs)
+    # Checks threshold / budget / scope / empty_gates as `combine` does.
+    combine(civs, [0], threshold=threshold, budget=budget,
+            budget_scope=budget_scope, empty_gates=empty_gates)
+    subtasks = dict(subtasks or {})
+    for name, sub in subtasks.items():
+        if not isinstance(sub, SubtaskModel) or sub.civs.fingerprint != (
+            civs.fingerprint
+        ):
+            raise ValueError(
+                "`subtasks` maps names to `SubtaskModel`s built from this "
+                f"model and CIVs. Received: {name!r}: {type(sub).__name__}"
+                + (" of another model" if isinstance(sub, SubtaskModel)
+                   else "")
+            )
+    logits_model, _ = split_softmax(gated_model)
+    gates = [spec.layer for spec in list_gates(gated_model)]
+    sizes = [gate.channels for gate in gates]
+    cciv = _cciv_fn(civs, threshold, budget, budget_scope, empty_gates)
+    spec = gated_model.inputs[0]
+    num_classes = civs.num_classes
+
+    @tf.function
+    def serve(images, classes):
+        selected = tf.cast(classes, tf.bool)
+        tf.debugging.assert_equal(
+            tf.reduce_any(selected), True,
+            message="`classes` selects no class: set at least one entry.",
+        )
+        masks = tf.split(cciv(selected), sizes)
+        batch = tf.shape(images)[0]
+        tiled = [tf.tile(m[None], [batch, 1]) for m in masks]
+        with per_sample_gates(gates, tiled):
+            logits = logits_model(images, training=False)
+        logits = tf.cast(logits, tf.float32)
+        return tf.nn.softmax(
+            tf.where(selected[None], logits, float("-inf")), axis=-1
+        )
+
+    image_spec = tf.TensorSpec(spec.shape, spec.dtype)
+    for dtype in (tf.bool, tf.int32):
+        serve.get_concrete_function(
+            image_spec, tf.TensorSpec([num_classes], dtype)
+        )
+    archive = keras.export.ExportArchive()
+    archive.track(gated_model)
+    archive.add_endpoint("serve", serve)
+    names = list(subtasks)
+    for sub in subtasks.values():
+        archive.track(sub)
+    if subtasks:
+        known = tf.constant(names)
+
+        def serve_named(images, name):
+            found = tf.equal(known, name)
+            tf.debugging.assert_equal(
+                tf.reduce_any(found), True,
+                message="Unknown sub-task name; known: " + ", ".join(names),
+            )
+            return tf.switch_case(
+                tf.cast(tf.argmax(tf.cast(found, tf.int32)), tf.int32),
+                [lambda sub=sub: sub(images) for sub in subtasks.values()],
+            )
+
+        archive.add_endpoint(
+            "serve_named",
+            serve_named,
+            input_signature=[image_spec, tf.TensorSpec([], tf.string)],
+        )
+    class_names = tf.constant(list(civs.class_names))
+    subtask_names = tf.constant(names, tf.string)
+    archive.add_endpoint("class_names", lambda: class_names,
+                         input_signature=[])
+    archive.add_endpoint("subtask_names", lambda: subtask_names,
+                         input_signature=[])
+    archive.write_out(filepath, verbose=verbose)
+    return filepath
