@@ -287,7 +287,7 @@ def main(argv):
     difference = np.abs(small.predict(images, verbose=0) - sub.predict(
         images, verbose=0)[:, live]).max()
     small_path = os.path.join(_OUTPUT.value, "compact.keras")
-    small.save(small_path)
+    kd.export(small, small_path, format="keras")  # with its class names
     print(
         f"Compact model {small_path}: {small.count_params():,} params "
         f"(base {model.count_params():,}); outputs "
@@ -343,7 +343,7 @@ def smallest(model, civs, train, test, names):
     full = np.asarray(model.predict(images, verbose=0))[:, wanted]
     full_accuracy = np.mean(np.array(wanted)[full.argmax(-1)] == labels)
     path = os.path.join(_OUTPUT.value, "smallest.keras")
-    small.save(path)
+    kd.export(small, path, format="keras")
     print(
         f"Smallest: per-gate budget {row['budget']:g}, {small.count_params():,}"
         f" params ({small.count_params() / model.count_params():.1%} of "
