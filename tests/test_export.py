@@ -46,40 +46,54 @@ import sys, zipfile
 import numpy as np
 import keras
 import tensorflow as tf
-keras_path, saved_path, x_path, out_path = sys.argv[1:]
-x = np.load(x_path)
+keras_path, saved_path, sub_path, dynamic_path, x_path, out_path = sys.argv[1:]
+x = tf.constant(np.load(x_path))
 loaded = keras.models.load_model(keras_path)
 served = tf.saved_model.load(saved_path)
+sub = tf.saved_model.load(sub_path)
+dynamic = tf.saved_model.load(dynamic_path)
 with zipfile.ZipFile(keras_path) as archive:
     keras_names = archive.read("class_names.txt").decode().split("\\n")
-served_names = [n.decode() for n in served.class_names().numpy()]
+decode = lambda names: ",".join(n.decode() for n in names.numpy())
 assert "keras_drnet" not in sys.modules
-np.savez(out_path, keras=np.asarray(loaded(x)),
-         served=served.serve(tf.constant(x)).numpy(),
-         names=np.array([",".join(keras_names), ",".join(served_names)]))
+np.savez(out_path, keras=np.asarray(loaded(x)), served=served.serve(x).numpy(),
+         sub=sub.serve(x).numpy(),
+         dynamic=dynamic.serve(x, tf.constant([0, 1, 0, 1])).numpy(),
+         names=np.array([",".join(keras_names), decode(served.class_names()),
+                         decode(sub.class_names()),
+                         decode(dynamic.class_names())]))
 """
 
 
-def test_keras_file_and_saved_model_load_in_a_process_without_the_package(
-        compacted, tmp_path):
+def test_artifacts_load_in_a_process_without_the_package(compacted,
+                                                         tmp_path):
     sub, small, x = compacted
     keras_path = kd.export(small, tmp_path / "small.keras", format="keras")
     saved_path = kd.export(small, tmp_path / "saved", format="tf_saved_model")
+    sub_path = str(tmp_path / "sub")
+    sub.export(sub_path, verbose=False)
+    model, civs = sub.gated_model, sub.civs
+    dynamic_path = kd.export_dynamic(model, civs, str(tmp_path / "dynamic"),
+                                     threshold=0.5)
     np.save(tmp_path / "x.npy", x)
     script = tmp_path / "fresh.py"
     script.write_text(_FRESH)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     subprocess.run(
-        [sys.executable, str(script), keras_path, saved_path,
-         str(tmp_path / "x.npy"), str(tmp_path / "out.npz")],
+        [sys.executable, str(script), keras_path, saved_path, sub_path,
+         dynamic_path, str(tmp_path / "x.npy"), str(tmp_path / "out.npz")],
         check=True, env=env, cwd=tmp_path)
     out = np.load(tmp_path / "out.npz")
     want = cm.sub_probabilities(sub, x)
     np.testing.assert_allclose(out["keras"], want, atol=1e-6)
     np.testing.assert_allclose(out["served"], want, atol=1e-6)
-    assert list(out["names"]) == ["c3,c1", "c3,c1"]
+    np.testing.assert_allclose(out["sub"], cm.to_numpy(sub(x)), atol=1e-6)
+    np.testing.assert_allclose(out["dynamic"], cm.to_numpy(sub(x)),
+                               atol=1e-6)
+    assert list(out["names"]) == ["c3,c1"] * 2 + ["c0,c1,c2,c3"] * 2
     assert kd.read_class_names(keras_path) == ["c3", "c1"]
     assert kd.read_class_names(saved_path) == ["c3", "c1"]
+    assert kd.read_class_names(sub_path) == ["c0", "c1", "c2", "c3"]
 
 
 def test_litert_model_runs_in_the_interpreter_and_carries_its_labels(
