@@ -25,6 +25,7 @@ setuptools.setup(
         "absl-py",
         "matplotlib",
     ],
+    entry_points={"console_scripts": ["keras-drnet=keras_drnet.cli:main"]},
     extras_require={
         # keras_drnet.export(format="litert" / "onnx") and their runtimes.
         "export": ["ai-edge-litert", "tf2onnx", "onnx", "onnxruntime"],

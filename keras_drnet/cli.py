@@ -1,0 +1,379 @@
+"""`keras-drnet`: dissect, build, compact and export sub-tasks from a shell.
+
+    keras-drnet dissect --model=m.keras --dataset=cifar10 --out=civs.npz
+    keras-drnet subtask --model=m.keras --civs=civs.npz --classes=cat,dog \\
+        --budget=0.33 --out=cat_dog/
+    keras-drnet report --model=m.keras --civs=civs.npz --classes=cat,dog \\
+        --budget=0.33 --dataset=cifar10 --split=test
+    keras-drnet similarity --civs=civs.npz --out=similarity.png
+
+`keras-drnet COMMAND --help` lists a command's flags. A user error prints
+one line on stderr and exits with status 2; `--verbosity=1` shows the
+Python traceback instead.
+"""
+
+import json
+import os
+import sys
+
+from absl import flags
+from absl import logging  # noqa: F401 (defines --verbosity)
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model", None, "The trained classifier, a .keras file.")
+flags.DEFINE_string("civs", None, "A CIVs file written by `dissect`.")
+flags.DEFINE_string("out", None, "Where to write the result.")
+flags.DEFINE_string("dataset", None, "A tfds dataset name, e.g. cifar10.")
+flags.DEFINE_string("split", None, "The tfds split (dissect: train, report: "
+                    "test).")
+flags.DEFINE_string("data", None, "Instead of --dataset: a folder of class "
+                    "subfolders of images, or an .npz with `images` and "
+                    "`labels` (and optionally `class_names`).")
+flags.DEFINE_string("rescale", None, "Multiply pixel values by this, e.g. "
+                    "1/255, as the model expects.")
+flags.DEFINE_integer("samples_per_class", 100, "Images dissected per class.")
+flags.DEFINE_string("method", "cdrp", "cdrp, activation, frat or taylor.")
+flags.DEFINE_string("checkpoint_dir", None, "Resumable progress (default: "
+                    "--out + '.ckpt'); rerun the same command to resume.")
+flags.DEFINE_list("classes", None, "The sub-task's classes, e.g. cat,dog.")
+flags.DEFINE_float("budget", None, "Fraction of channels to keep.")
+flags.DEFINE_string("budget_scope", "gate", "model or gate.")
+flags.DEFINE_float("threshold", None, "The paper's union threshold.")
+flags.DEFINE_float("max_drop", None, "Search the smallest per-gate budget "
+                   "within this accuracy drop (pp) on --validation.")
+flags.DEFINE_string("validation", None, "Held-out data for --max_drop and "
+                    "the report: a split of --dataset (e.g. test), or a "
+                    "folder / .npz.")
+flags.DEFINE_bool("calibrate", False, "Re-estimate BatchNorm statistics on "
+                  "the sub-task's images of the data.")
+flags.DEFINE_integer("finetune_epochs", 0, "Fine-tune the compact model on "
+                     "the sub-task's images of the data.")
+flags.DEFINE_bool("tflite", False, "Also write model.tflite.")
+
+_COMMANDS = {
+    "dissect": (
+        "Per-class channel importance vectors (CIVs) of a classifier.",
+        ["model", "dataset", "split", "data", "rescale", "samples_per_class",
+         "method", "checkpoint_dir", "out"],
+        ["model", "out"],
+    ),
+    "subtask": (
+        "A sub-task's compact model (.keras, SavedModel, optionally .tflite),"
+        " report.json and the per-layer plot.",
+        ["model", "civs", "classes", "budget", "budget_scope", "threshold",
+         "max_drop", "validation", "dataset", "split", "data", "rescale",
+         "calibrate", "finetune_epochs", "tflite", "out"],
+        ["model", "civs", "classes", "out"],
+    ),
+    "report": (
+        "Accuracy and running/compact sizes of a sub-task on test data.",
+        ["model", "civs", "classes", "budget", "budget_scope", "threshold",
+         "dataset", "split", "data", "rescale"],
+        ["model", "civs", "classes"],
+    ),
+    "similarity": (
+        "The class-similarity heat map of a CIVs file (paper Fig. 8).",
+        ["civs", "out"],
+        ["civs", "out"],
+    ),
+}
+
+
+class UsageError(Exception):
+    """A mistake in the command line: reported in one line, status 2."""
+
+
+def _usage():
+    lines = [__doc__.strip().splitlines()[0], "", "Commands:"]
+    for name, (summary, _, _) in _COMMANDS.items():
+        lines.append(f"  {name:11} {summary}")
+    return "\n".join(lines)
+
+
+def _command_help(name):
+    summary, names, required = _COMMANDS[name]
+    lines = [f"keras-drnet {name}: {summary}", "", "Flags:"]
+    for flag in names + ["verbosity"]:
+        entry = FLAGS[flag]
+        default = "" if entry.default is None else f" (default: "
+        default += "" if entry.default is None else f"{entry.default_as_str})"
+        need = " [required]" if flag in required else ""
+        lines.append(f"  --{flag}: {entry.help}{default}{need}")
+    return "\n".join(lines)
+
+
+def _check_flags(name):
+    summary, names, required = _COMMANDS[name]
+    for flag in required:
+        if FLAGS[flag].value is None:
+            raise UsageError(f"`{name}` needs --{flag}. See `keras-drnet "
+                             f"{name} --help`.")
+    stray = [
+        f for f in _COMMANDS_FLAGS - set(names) if FLAGS[f].present
+    ]
+    if stray:
+        raise UsageError(
+            f"`{name}` does not take --{', --'.join(sorted(stray))}. See "
+            f"`keras-drnet {name} --help`."
+        )
+    for flag in ("model", "civs"):
+        path = FLAGS[flag].value
+        if flag in names and path is not None and not os.path.exists(path):
+            raise UsageError(f"--{flag}={path}: no such file.")
+
+
+_COMMANDS_FLAGS = {f for _, names, _ in _COMMANDS.values() for f in names}
+
+
+def _rescale():
+    text = FLAGS.rescale
+    if text is None:
+        return None
+    try:
+        if "/" in text:
+            numerator, denominator = text.split("/")
+            return float(numerator) / float(denominator)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(
+            f"--rescale must be a number or a fraction such as 1/255. "
+            f"Received: --rescale={text}"
+        ) from None
+
+
+def _data(spec):
+    """`(dataset of (image, label), class names or None)` for `spec`: a
+    folder of class subfolders, an .npz, or a split of --dataset."""
+    import numpy as np
+    import tensorflow as tf
+
+    scale = _rescale()
+    names = None
+    if spec.endswith(".npz") or os.sep in spec or os.path.isdir(spec):
+        if not os.path.exists(spec):
+            raise UsageError(f"{spec}: no such file or folder.")
+        if spec.endswith(".npz"):
+            with np.load(spec) as archive:
+                missing = {"images", "labels"} - set(archive.files)
+                if missing:
+                    raise UsageError(
+                        f"{spec} has no {', '.join(sorted(missing))}: save "
+                        "`np.savez(path, images=..., labels=...)`."
+                    )
+                ds = tf.data.Dataset.from_tensor_slices(
+                    (archive["images"], archive["labels"])
+                )
+                if "class_names" in archive.files:
+                    names = [str(n) for n in archive["class_names"]]
+        else:
+            import keras
+
+            size = _model().inputs[0].shape[1:3]
+            ds = keras.utils.image_dataset_from_directory(
+                spec, image_size=tuple(size), batch_size=None,
+                shuffle=False, verbose=False,
+            )
+            names = list(ds.class_names)
+    elif FLAGS.dataset is not None:
+        import tensorflow_datasets as tfds
+
+        split = spec
+        try:
+            ds, info = tfds.load(FLAGS.dataset, split=split,
+                                 as_supervised=True, with_info=True)
+        except Exception as error:  # tfds raises many kinds
+            raise UsageError(
+                f"--dataset={FLAGS.dataset} --split={split}: {error}"
+            ) from None
+        label = info.features["label"]
+        names = list(getattr(label, "names", []) or []) or None
+    else:
+        raise UsageError(
+            f"{spec!r} is not a folder or an .npz file; for a tfds split, "
+            "pass --dataset=NAME too."
+        )
+    if scale is not None:
+        ds = ds.map(lambda x, y: (tf.cast(x, "float32") * scale, y))
+    return ds, names
+
+
+_LOADED = {}
+
+
+def _model():
+    if "model" not in _LOADED:
+        import keras
+
+        import keras_drnet  # noqa: F401 (registers the package's layers)
+
+        try:
+            _LOADED["model"] = keras.models.load_model(FLAGS.model)
+        except (ValueError, OSError) as error:
+            raise UsageError(f"--model={FLAGS.model}: {error}") from None
+    return _LOADED["model"]
+
+
+def _civs():
+    import keras_drnet as kd
+
+    return kd.CIVs.load(FLAGS.civs)
+
+
+def dissect():
+    import keras_drnet as kd
+
+    model = _model()
+    ds, names = _data(FLAGS.data or FLAGS.split or "train")
+    checkpoint = FLAGS.checkpoint_dir or FLAGS.out + ".ckpt"
+    try:
+        civs = kd.dissect(
+            model, ds, samples_per_class=FLAGS.samples_per_class,
+            class_names=names, method=FLAGS.method,
+            checkpoint_dir=checkpoint,
+        )
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Progress is in {checkpoint}: run the same "
+              "command again to resume.", file=sys.stderr)
+        raise SystemExit(130)
+    civs.save(FLAGS.out)
+    print(f"Wrote {FLAGS.out}: {civs.num_classes} classes, "
+          f"{civs.total_channels} channels in {len(civs.layout)} gates.")
+
+
+def _subtask(model, civs, calibrate=None):
+    import keras_drnet as kd
+
+    if (FLAGS.budget is None) == (FLAGS.threshold is None):
+        raise UsageError("Pass exactly one of --budget (e.g. 0.33) or "
+                         "--threshold.")
+    return kd.subtask(model, civs, FLAGS.classes, budget=FLAGS.budget,
+                      threshold=FLAGS.threshold,
+                      budget_scope=FLAGS.budget_scope, calibrate=calibrate)
+
+
+def subtask():
+    import keras_drnet as kd
+
+    model, civs = _model(), _civs()
+    chosen = [FLAGS.budget, FLAGS.threshold, FLAGS.max_drop]
+    if sum(v is not None for v in chosen) != 1:
+        raise UsageError("Pass exactly one of --budget, --threshold or "
+                         "--max_drop (with --validation).")
+    needs_data = FLAGS.calibrate or FLAGS.finetune_epochs
+    ds = None
+    if needs_data:
+        ds = _data(FLAGS.data or FLAGS.split or "train")[0]
+    os.makedirs(FLAGS.out, exist_ok=True)
+    if FLAGS.max_drop is not None:
+        if FLAGS.validation is None:
+            raise UsageError("--max_drop needs --validation: a split of "
+                             "--dataset (e.g. test), or a folder / .npz.")
+        validation = _data(FLAGS.validation)[0]
+        finetune = None
+        if FLAGS.finetune_epochs:
+            finetune = {"ds": ds, "epochs": FLAGS.finetune_epochs}
+        result, table = kd.smallest_subtask(
+            model, civs, FLAGS.classes, max_drop=FLAGS.max_drop,
+            validation_data=validation, calibrate=ds if FLAGS.calibrate
+            else None, finetune=finetune, verbose=1,
+        )
+        small = result if finetune else kd.compact(result)
+        sub = result if not finetune else None
+        report = {"search": table}
+    else:
+        sub = _subtask(model, civs, ds if FLAGS.calibrate else None)
+        small = kd.compact(sub)
+        if FLAGS.finetune_epochs:
+            small = kd.finetune(sub, ds, epochs=FLAGS.finetune_epochs)
+        report = {}
+    if sub is not None and FLAGS.validation is not None:
+        evaluated = kd.evaluate_subtask(sub, _data(FLAGS.validation)[0])
+        print(evaluated)
+        evaluated.plot(os.path.join(FLAGS.out, "running_channels.png"))
+        report.update(_report_dict(evaluated))
+    report.update({"classes": small.class_names,
+                   "compact_params": small.count_params(),
+                   "model_params": model.count_params()})
+    kd.export(small, os.path.join(FLAGS.out, "model.keras"), format="keras")
+    kd.export(small, os.path.join(FLAGS.out, "saved_model"),
+              format="tf_saved_model")
+    if FLAGS.tflite:
+        kd.export(small, os.path.join(FLAGS.out, "model.tflite"),
+                  format="litert")
+    with open(os.path.join(FLAGS.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2, default=float)
+    print(f"Wrote {FLAGS.out}: model.keras, saved_model/"
+          + (", model.tflite" if FLAGS.tflite else "") + ", report.json; "
+          f"{small.count_params():,} of {model.count_params():,} params.")
+
+
+def _report_dict(report):
+    fields = ("classes", "images", "full_net_accuracy", "sub_net_accuracy",
+              "running_channels", "params", "running_params", "flops",
+              "running_flops", "compact_params", "compact_flops")
+    return {f: getattr(report, f) for f in fields}
+
+
+def report():
+    import keras_drnet as kd
+
+    sub = _subtask(_model(), _civs())
+    ds = _data(FLAGS.data or FLAGS.split or "test")[0]
+    print(kd.evaluate_subtask(sub, ds))
+
+
+def similarity():
+    civs = _civs()
+    civs.plot_similarity(FLAGS.out)
+    print(f"Wrote {FLAGS.out} ({civs.num_classes} classes).")
+
+
+def _main(argv):
+    name = argv[1]
+    if len(argv) > 2:
+        raise UsageError(f"Unexpected arguments: {' '.join(argv[2:])}. Flags "
+                         "are written --name=value.")
+    _check_flags(name)
+    try:
+        globals()[name]()
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        if FLAGS.verbosity >= 1:
+            raise
+        raise UsageError(str(error)) from None
+
+
+def run(argv=None):
+    """The console entry point."""
+    argv = list(sys.argv if argv is None else argv)
+    command = argv[1] if len(argv) > 1 else None
+    if command in (None, "-h", "--help", "help"):
+        print(_usage() + "\n\n`keras-drnet COMMAND --help` for its flags.")
+        return 0 if command else 2
+    if command not in _COMMANDS:
+        print(f"keras-drnet: unknown command {command!r}; one of "
+              f"{', '.join(_COMMANDS)}.", file=sys.stderr)
+        return 2
+    FLAGS.unparse_flags()  # defaults again when called twice in a process
+    if "--help" in argv or "-h" in argv:
+        FLAGS(argv[:1], known_only=True)
+        print(_command_help(command))
+        return 0
+    try:
+        FLAGS(argv[:1] + argv[2:])
+    except flags.Error as error:
+        print(f"keras-drnet {command}: {error}", file=sys.stderr)
+        return 2
+    try:
+        _main(argv[:1] + [command])
+    except UsageError as error:
+        if FLAGS.verbosity >= 1:
+            raise
+        message = " ".join(str(error).split())
+        print(f"keras-drnet {command}: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main():
+    sys.exit(run())

@@ -1,0 +1,138 @@
+"""Tests for `keras-drnet` (keras_drnet.cli): end to end in a subprocess on
+a tiny model, against the Python API's result; help and every error case
+(one line on stderr, status 2) in process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import _subtask_models as sm
+import keras_drnet as kd
+from keras_drnet import cli
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    model = sm.bn_relu_cnn("softmax")
+    model.save(folder / "m.keras")
+    rng = np.random.default_rng(0)
+    x, y = sm.images(rng, 40), np.arange(40) % 5
+    np.savez(folder / "data.npz", images=x, labels=y,
+             class_names=np.array(sm.NAMES))
+    other = sm.bn_relu_cnn("softmax", seed=1)
+    civs = kd.dissect(other, (x, y), samples_per_class=2,
+                      method="activation", class_names=sm.NAMES, verbose=0)
+    civs.save(folder / "other_civs.npz")
+    kd.dissect(model, (x, y), samples_per_class=2, method="activation",
+               class_names=sm.NAMES, verbose=0).save(folder / "own_civs.npz")
+    return folder, model, x, y
+
+
+def _cli(folder, *args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "keras_drnet", *args],
+                          cwd=folder, env=env, capture_output=True,
+                          text=True)
+
+
+def test_dissect_then_subtask_end_to_end(files):
+    folder, model, x, y = files
+    done = _cli(folder, "dissect", "--model=m.keras", "--data=data.npz",
+                "--samples_per_class=3", "--method=activation",
+                "--out=civs.npz")
+    assert done.returncode == 0, done.stderr
+    assert "Wrote civs.npz: 5 classes, 18 channels in 3 gates." in done.stdout
+    civs = kd.CIVs.load(folder / "civs.npz")
+    want = kd.dissect(model, (x, y), samples_per_class=3,
+                      method="activation", class_names=sm.NAMES, verbose=0)
+    np.testing.assert_allclose(civs.vectors, want.vectors, rtol=1e-6)
+    assert civs.class_names == sm.NAMES
+    assert (folder / "civs.npz.ckpt").is_dir()  # resumable by default
+
+    done = _cli(folder, "subtask", "--model=m.keras", "--civs=civs.npz",
+                "--classes=cat,dog", "--budget=0.5", "--validation=data.npz",
+                "--tflite", "--out=cat_dog")
+    assert done.returncode == 0, done.stderr
+    assert "sub-task cat-dog (16 test images)" in done.stdout
+    out = folder / "cat_dog"
+    sub = kd.subtask(model, civs, ["cat", "dog"], budget=0.5,
+                     budget_scope="gate")
+    small = keras.models.load_model(out / "model.keras")
+    np.testing.assert_allclose(np.asarray(small(x)),
+                               np.asarray(kd.compact(sub)(x)), atol=1e-6)
+    for artifact in ("model.keras", "saved_model", "model.tflite"):
+        assert kd.read_class_names(out / artifact) == ["cat", "dog"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["classes"] == ["cat", "dog"]
+    assert report["compact_params"] == small.count_params()
+    assert report["images"] == 16
+    assert (out / "running_channels.png").stat().st_size > 1000
+
+
+def test_a_user_error_is_one_line_and_status_2_without_traceback(files):
+    folder, _, _, _ = files
+    done = _cli(folder, "report", "--model=m.keras", "--civs=other_civs.npz",
+                "--classes=cat,dog", "--budget=0.5", "--data=data.npz")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("keras-drnet report: These CIVs were dissected "
+                           "from another model"), last
+
+
+@pytest.mark.parametrize("command", list(cli._COMMANDS))
+def test_each_command_has_help(command, capsys):
+    assert cli.run(["keras-drnet", command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"keras-drnet {command}: ")
+    for flag in cli._COMMANDS[command][1]:
+        assert f"  --{flag}: " in out
+    assert cli.run(["keras-drnet", "--help"]) == 0
+    assert command in capsys.readouterr().out
+
+
+def _error(capsys, *args):
+    code = cli.run(["keras-drnet", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, (code, err)
+    return err
+
+
+def test_user_errors_name_the_fix(files, capsys):
+    folder, _, _, _ = files
+    model, civs = f"--model={folder / 'm.keras'}", f"--civs={folder}/x.npz"
+    assert _error(capsys, "dissect", "--model=nope.keras", "--out=a.npz") == (
+        "keras-drnet dissect: --model=nope.keras: no such file.")
+    assert _error(capsys, "subtask", model, "--classes=cat") == (
+        "keras-drnet subtask: `subtask` needs --civs. See `keras-drnet "
+        "subtask --help`.")
+    assert "`dissect` does not take --budget" in _error(
+        capsys, "dissect", model, "--out=a.npz", "--budget=0.5")
+    assert "flag --budget=abc" in _error(
+        capsys, "subtask", model, civs, "--budget=abc").lower()
+    assert "unknown command 'disect'" in _error(capsys, "disect")
+    civs = f"--civs={folder / 'own_civs.npz'}"
+    assert "Did you mean 'dog'?" in _error(
+        capsys, "report", model, civs, "--classes=cat,dgo", "--budget=0.5",
+        f"--data={folder / 'data.npz'}")
+    assert "Pass exactly one of --budget, --threshold or --max_drop" in (
+        _error(capsys, "subtask", model, civs, "--classes=cat,dog",
+               "--out=o"))
+    assert "--rescale must be a number or a fraction such as 1/255" in (
+        _error(capsys, "dissect", model, "--data=x.npz", "--out=a.npz",
+               "--rescale=1/x"))
+    assert "is not a folder or an .npz file; for a tfds split, pass " in (
+        _error(capsys, "dissect", model, "--out=a.npz"))
+
+
+def test_verbosity_shows_the_traceback(files):
+    folder, _, _, _ = files
+    with pytest.raises(cli.UsageError, match="no such file"):
+        cli.run(["keras-drnet", "dissect", "--model=nope.keras",
+                 "--out=a.npz", "--verbosity=1"])
