@@ -253,7 +253,10 @@ def _subtask(model, civs, calibrate=None):
 
 
 def subtask():
+    import numpy as np
+
     import keras_drnet as kd
+    from keras_drnet.budget_search import _compact_accuracy
 
     model, civs = _model(), _civs()
     chosen = [FLAGS.budget, FLAGS.threshold, FLAGS.max_drop]
@@ -288,10 +291,18 @@ def subtask():
             small = kd.finetune(sub, ds, epochs=FLAGS.finetune_epochs)
         report = {}
     if sub is not None and FLAGS.validation is not None:
-        evaluated = kd.evaluate_subtask(sub, _data(FLAGS.validation)[0])
+        validation = _data(FLAGS.validation)[0]
+        evaluated = kd.evaluate_subtask(sub, validation)
         print(evaluated)
         evaluated.plot(os.path.join(FLAGS.out, "running_channels.png"))
         report.update(_report_dict(evaluated))
+        if FLAGS.finetune_epochs:
+            batches = sub.live_elements(validation).batch(1024)
+            images, labels = zip(*batches.as_numpy_iterator())
+            accuracy = _compact_accuracy(small, civs, np.concatenate(images),
+                                         np.concatenate(labels))
+            report["finetuned_accuracy"] = accuracy
+            print(f"  fine-tuned compact model:          {accuracy:.2%}")
     report.update({"classes": small.class_names,
                    "compact_params": small.count_params(),
                    "model_params": model.count_params()})

@@ -136,3 +136,23 @@ def test_verbosity_shows_the_traceback(files):
     with pytest.raises(cli.UsageError, match="no such file"):
         cli.run(["keras-drnet", "dissect", "--model=nope.keras",
                  "--out=a.npz", "--verbosity=1"])
+
+
+def test_ctrl_c_in_dissect_says_how_to_resume(files, capsys, monkeypatch,
+                                             tmp_path):
+    folder, _, _, _ = files
+
+    def interrupted(*args, checkpoint_dir=None, **kwargs):
+        os.makedirs(checkpoint_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kd, "dissect", interrupted)
+    out = tmp_path / "civs.npz"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(["keras-drnet", "dissect", f"--model={folder / 'm.keras'}",
+                 f"--data={folder / 'data.npz'}", f"--out={out}"])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert f"Progress is in {out}.ckpt: run the same command again to " \
+           "resume." in err
+    assert not out.exists()
