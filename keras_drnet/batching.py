@@ -132,7 +132,10 @@ class BatchRunner:
     function is traced once and a short last batch costs no retrace; padding
     rows are computed and dropped, which changes nothing for the real images
     since images do not interact. Under a `tf.distribute` strategy, each
-    replica runs its slice of the batch.
+    replica runs its slice of the batch and every worker gets all the
+    results (per-image scores, not images), so with
+    `MultiWorkerMirroredStrategy` each worker reads the same batches and
+    computes its own replicas' share.
     """
 
     def __init__(self, step, batch_size, strategy=None, jit_compile=False):
@@ -153,13 +156,17 @@ class BatchRunner:
                 slice_for
             )
 
-        results = self.strategy.run(
-            self._step, args=(shard(images), shard(labels))
-        )
-        return [
-            tf.concat(self.strategy.experimental_local_results(r), 0)
-            for r in results
-        ]
+        def step(images, labels):
+            # `gather` has no bool kernel: bools travel as int32.
+            outputs = self._step(images, labels)
+            self._bools = [o.dtype == tf.bool for o in outputs]
+            return [tf.cast(o, tf.int32) if b else o
+                    for o, b in zip(outputs, self._bools)]
+
+        results = self.strategy.run(step, args=(shard(images), shard(labels)))
+        # Every replica's rows, also those of other workers: each worker
+        # then holds the whole batch's results, as one process would.
+        return [self.strategy.gather(r, axis=0) for r in results]
 
     def __call__(self, images, labels=None):
         """The step's outputs for a numpy batch, as numpy arrays.
@@ -176,7 +183,10 @@ class BatchRunner:
             )
             labels = np.concatenate([labels, np.full(pad, -1, "int64")])
         results = self._run(tf.constant(images), tf.constant(labels, tf.int64))
-        return tuple(r.numpy()[:count] for r in results)
+        return tuple(
+            r.numpy()[:count].astype(bool) if b else r.numpy()[:count]
+            for r, b in zip(results, self._bools)
+        )
 
 
 class Progress:
@@ -228,3 +238,14 @@ class Progress:
         print(f"{self.done}{of} images - "
               f"{time.perf_counter() - self._start:.0f}s - "
               f"{self._rate():.1f} images/s", flush=True)
+
+
+def is_chief(strategy):
+    """Whether this process writes shared files (checkpoints) for the
+    strategy's cluster: always, unless another worker is the chief."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if "chief" in resolver.cluster_spec().as_dict():
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0

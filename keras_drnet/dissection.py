@@ -13,6 +13,7 @@ from keras_drnet.attribution import check_method
 from keras_drnet.batching import BatchRunner
 from keras_drnet.batching import Progress
 from keras_drnet.batching import check_image_shape
+from keras_drnet.batching import is_chief
 from keras_drnet.batching import is_int
 from keras_drnet.batching import labelled_elements
 from keras_drnet.batching import model_input_shape
@@ -28,9 +29,12 @@ from keras_drnet.subtask import check_classifier
 class _Checkpoint:
     """Sums, counts, top-1 changes and position, saved after every batch."""
 
-    def __init__(self, directory, settings):
+    def __init__(self, directory, settings, writer=True):
         self.path = os.path.join(directory, "dissect_state.npz")
         self.settings = settings
+        # Under a multi-worker strategy only the chief writes; every worker
+        # reads (all hold the same sums).
+        self.writer = writer
         os.makedirs(directory, exist_ok=True)
 
     def load(self):
@@ -68,6 +72,8 @@ class _Checkpoint:
                     int(data["position"]))
 
     def save(self, sums, counts, changed, position):
+        if not self.writer:
+            return
         atomic_savez(
             self.path,
             sums=sums,
@@ -239,6 +245,7 @@ def dissect(
                 fingerprint=fingerprint,
                 data=_data_digest(elements),
             ),
+            writer=is_chief(strategy),
         )
         state = checkpoint.load()
         if state is not None:

@@ -171,6 +171,13 @@ def finetune(
     _check_arguments(
         epochs, distill, temperature, label_weight, images, learning_rate
     )
+    if isinstance(tf.distribute.get_strategy(),
+                  tf.distribute.MultiWorkerMirroredStrategy):
+        raise ValueError(
+            "`finetune` runs in one process: call it outside the "
+            "`MultiWorkerMirroredStrategy` scope, on one worker (a sub-task "
+            "network fine-tunes in minutes on one device)."
+        )
     model = compact(sub)
     # The compact model's output columns, as the original model's classes.
     columns = [sub.civs.class_names.index(n) for n in model.class_names]

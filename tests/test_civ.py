@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -1028,6 +1029,68 @@ def test_mirrored_strategy_gives_the_same_civs(data, tmp_path):
         data["model"], (x, y), samples_per_class=3, batch_size=5, verbose=0
     )
     np.testing.assert_allclose(results["single_vectors"], here.vectors, atol=1e-5)
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _multiworker(data, tmp_path, x, y, checkpoint_dir=None, name="run"):
+    """Two workers on localhost; returns each worker's saved results."""
+    data_path = tmp_path / "data.npz"
+    np.savez(data_path, x=x, y=y)
+    ports = ",".join(map(str, _free_ports(2)))
+    outs = [tmp_path / f"{name}_{i}.npz" for i in range(2)]
+    command = [sys.executable, os.path.join(HERE, "_dissect_multiworker.py"),
+               "--model", data["model_path"], "--data", str(data_path),
+               "--ports", ports]
+    if checkpoint_dir is not None:
+        command += ["--checkpoint-dir", str(checkpoint_dir)]
+    workers = [
+        subprocess.Popen(command + ["--index", str(i), "--out", str(out)],
+                         env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for i, out in enumerate(outs)
+    ]
+    logs = [w.communicate(timeout=300)[0] for w in workers]
+    for worker, log in zip(workers, logs):
+        assert worker.returncode == 0, log[-3000:]
+    results = []
+    for out in outs:
+        with np.load(out) as saved:
+            results.append(dict(saved))
+    return results
+
+
+@pytest.mark.slow
+def test_multi_worker_strategy_gives_the_same_civs_on_every_worker(
+        data, tmp_path):
+    x, y = data["x_train"][:100], data["y_train"][:100]
+    results = _multiworker(data, tmp_path, x, y,
+                           checkpoint_dir=tmp_path / "ckpt")
+    single = kd.dissect(data["model"], (x, y), samples_per_class=5,
+                        batch_size=8, verbose=0)
+    cdrps = kd.cdrp(data["model"], x[:13], batch_size=8)
+    for result in results:
+        assert int(result["replicas"]) == 2
+        np.testing.assert_array_equal(result["counts"], single.counts)
+        np.testing.assert_allclose(result["vectors"], single.vectors,
+                                   atol=1e-5)
+        np.testing.assert_allclose(result["cdrps"], cdrps, atol=1e-5)
+        assert str(result["refusal"]).startswith(
+            "`finetune` runs in one process")
+    # Both workers resume from the chief's finished checkpoint.
+    again = _multiworker(data, tmp_path, x, y,
+                         checkpoint_dir=tmp_path / "ckpt", name="again")
+    for result in again:
+        np.testing.assert_array_equal(result["vectors"],
+                                      results[0]["vectors"])
 
 
 # ---------------------------------------------------------------------------
