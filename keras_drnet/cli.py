@@ -17,39 +17,50 @@ import os
 import sys
 
 from absl import flags
-from absl import logging  # noqa: F401 (defines --verbosity)
 
-FLAGS = flags.FLAGS
+# Its own flag registry: importing the CLI (e.g. in tests) must not clash
+# with the flags of the user's absl program.
+FLAGS = flags.FlagValues()
 
-flags.DEFINE_string("model", None, "The trained classifier, a .keras file.")
-flags.DEFINE_string("civs", None, "A CIVs file written by `dissect`.")
-flags.DEFINE_string("out", None, "Where to write the result.")
-flags.DEFINE_string("dataset", None, "A tfds dataset name, e.g. cifar10.")
-flags.DEFINE_string("split", None, "The tfds split (dissect: train, report: "
-                    "test).")
-flags.DEFINE_string("data", None, "Instead of --dataset: a folder of class "
-                    "subfolders of images, or an .npz with `images` and "
-                    "`labels` (and optionally `class_names`).")
-flags.DEFINE_string("rescale", None, "Multiply pixel values by this, e.g. "
-                    "1/255, as the model expects.")
-flags.DEFINE_integer("samples_per_class", 100, "Images dissected per class.")
-flags.DEFINE_string("method", "cdrp", "cdrp, activation, frat or taylor.")
-flags.DEFINE_string("checkpoint_dir", None, "Resumable progress (default: "
-                    "--out + '.ckpt'); rerun the same command to resume.")
-flags.DEFINE_list("classes", None, "The sub-task's classes, e.g. cat,dog.")
-flags.DEFINE_float("budget", None, "Fraction of channels to keep.")
-flags.DEFINE_string("budget_scope", "gate", "model or gate.")
-flags.DEFINE_float("threshold", None, "The paper's union threshold.")
-flags.DEFINE_float("max_drop", None, "Search the smallest per-gate budget "
-                   "within this accuracy drop (pp) on --validation.")
-flags.DEFINE_string("validation", None, "Held-out data for --max_drop and "
-                    "the report: a split of --dataset (e.g. test), or a "
-                    "folder / .npz.")
-flags.DEFINE_bool("calibrate", False, "Re-estimate BatchNorm statistics on "
-                  "the sub-task's images of the data.")
-flags.DEFINE_integer("finetune_epochs", 0, "Fine-tune the compact model on "
-                     "the sub-task's images of the data.")
-flags.DEFINE_bool("tflite", False, "Also write model.tflite.")
+_S, _I, _F, _B, _L = (
+    flags.DEFINE_string,
+    flags.DEFINE_integer,
+    flags.DEFINE_float,
+    flags.DEFINE_bool,
+    flags.DEFINE_list,
+)
+for _define, _name, _default, _help in [
+    (_S, "model", None, "The trained classifier, a .keras file."),
+    (_S, "civs", None, "A CIVs file written by `dissect`."),
+    (_S, "out", None, "Where to write the result."),
+    (_S, "dataset", None, "A tfds dataset name, e.g. cifar10."),
+    (_S, "split", None, "The tfds split (dissect and subtask: train, "
+     "report: test)."),
+    (_S, "data", None, "Instead of --dataset: a folder of class subfolders "
+     "of images, or an .npz with `images` and `labels` (and optionally "
+     "`class_names`)."),
+    (_S, "rescale", None, "Multiply pixel values by this, e.g. 1/255, as "
+     "the model expects."),
+    (_I, "samples_per_class", 100, "Images dissected per class."),
+    (_S, "method", "cdrp", "cdrp, activation, frat or taylor."),
+    (_S, "checkpoint_dir", None, "Resumable progress (default: --out + "
+     "'.ckpt'); rerun the same command to resume."),
+    (_L, "classes", None, "The sub-task's classes, e.g. cat,dog."),
+    (_F, "budget", None, "Fraction of channels to keep."),
+    (_S, "budget_scope", "gate", "model or gate."),
+    (_F, "threshold", None, "The paper's union threshold."),
+    (_F, "max_drop", None, "Search the smallest per-gate budget within this "
+     "accuracy drop (pp) on --validation."),
+    (_S, "validation", None, "Held-out data for --max_drop and the report: "
+     "a split of --dataset (e.g. test), or a folder / .npz."),
+    (_B, "calibrate", False, "Re-estimate BatchNorm statistics on the "
+     "sub-task's images of the data."),
+    (_I, "finetune_epochs", 0, "Fine-tune the compact model on the "
+     "sub-task's images of the data."),
+    (_B, "tflite", False, "Also write model.tflite."),
+    (_I, "verbosity", 0, "1 shows the Python traceback of an error."),
+]:
+    _define(_name, _default, _help, flag_values=FLAGS)
 
 _COMMANDS = {
     "dissect": (
