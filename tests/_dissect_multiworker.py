@@ -3,6 +3,7 @@
 
 Usage: python _dissect_multiworker.py --model M.keras --data D.npz
            --ports P0,P1 --index I --out O.npz [--checkpoint-dir DIR]
+           [--delay S]
 
 `TF_CONFIG` is set from the ports and index before TensorFlow starts; the
 worker saves the CIVs it returns (every worker returns them).
@@ -23,12 +24,16 @@ def main():
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--delay", type=float, default=0.0,
+                        help="seconds before each element: a slow reader")
     args = parser.parse_args()
     workers = [f"localhost:{p}" for p in args.ports.split(",")]
     os.environ["TF_CONFIG"] = json.dumps({
         "cluster": {"worker": workers},
         "task": {"type": "worker", "index": args.index},
     })
+
+    import time
 
     import keras
     import numpy as np
@@ -40,7 +45,14 @@ def main():
     model = keras.saving.load_model(args.model)
     with np.load(args.data) as data:
         x, y = data["x"], data["y"]
-    civs = kd.dissect(model, (x, y), samples_per_class=5, batch_size=8,
+    def elements():
+        for image, label in zip(x, y):
+            time.sleep(args.delay)
+            yield image, label
+
+    ds = tf.data.Dataset.from_generator(elements, output_signature=(
+        tf.TensorSpec(x.shape[1:], tf.float32), tf.TensorSpec((), tf.int64)))
+    civs = kd.dissect(model, ds, samples_per_class=5, batch_size=8,
                       strategy=strategy, checkpoint_dir=args.checkpoint_dir,
                       verbose=0)
     cdrps = kd.cdrp(model, x[:13], batch_size=8, strategy=strategy)

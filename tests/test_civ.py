@@ -1041,23 +1041,28 @@ def _free_ports(n):
     return ports
 
 
-def _multiworker(data, tmp_path, x, y, checkpoint_dir=None, name="run"):
-    """Two workers on localhost; returns each worker's saved results."""
+def _start_workers(data, tmp_path, x, y, checkpoint_dir, name, delay=0.0):
+    """Two workers of one job on localhost: `(processes, result paths)`."""
     data_path = tmp_path / "data.npz"
     np.savez(data_path, x=x, y=y)
     ports = ",".join(map(str, _free_ports(2)))
     outs = [tmp_path / f"{name}_{i}.npz" for i in range(2)]
     command = [sys.executable, os.path.join(HERE, "_dissect_multiworker.py"),
                "--model", data["model_path"], "--data", str(data_path),
-               "--ports", ports]
-    if checkpoint_dir is not None:
-        command += ["--checkpoint-dir", str(checkpoint_dir)]
+               "--ports", ports, "--checkpoint-dir", str(checkpoint_dir),
+               "--delay", str(delay)]
     workers = [
         subprocess.Popen(command + ["--index", str(i), "--out", str(out)],
                          env=_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
         for i, out in enumerate(outs)
     ]
+    return workers, outs
+
+
+def _multiworker(data, tmp_path, x, y, checkpoint_dir, name):
+    """Runs two workers to the end; returns each worker's saved results."""
+    workers, outs = _start_workers(data, tmp_path, x, y, checkpoint_dir, name)
     logs = [w.communicate(timeout=300)[0] for w in workers]
     for worker, log in zip(workers, logs):
         assert worker.returncode == 0, log[-3000:]
@@ -1072,8 +1077,28 @@ def _multiworker(data, tmp_path, x, y, checkpoint_dir=None, name="run"):
 def test_multi_worker_strategy_gives_the_same_civs_on_every_worker(
         data, tmp_path):
     x, y = data["x_train"][:100], data["y_train"][:100]
-    results = _multiworker(data, tmp_path, x, y,
-                           checkpoint_dir=tmp_path / "ckpt")
+    checkpoint_dir = tmp_path / "ckpt"
+    state = checkpoint_dir / "dissect_state.npz"
+    # 1. A slow-reading job, killed (both workers) once the chief has
+    #    written its first checkpoint.
+    workers, outs = _start_workers(data, tmp_path, x, y, checkpoint_dir,
+                                   "killed", delay=0.05)
+    try:
+        deadline = time.monotonic() + 120
+        while not state.exists():
+            assert all(w.poll() is None for w in workers), "a worker ended"
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.01)
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.communicate()
+    with np.load(state) as checkpoint:
+        done = int(checkpoint["counts"].sum())
+    assert 0 < done < 50 and not any(out.exists() for out in outs)
+    # 2. Restarted, the job resumes from the chief's checkpoint and every
+    #    worker returns what one process gives.
+    results = _multiworker(data, tmp_path, x, y, checkpoint_dir, "resumed")
     single = kd.dissect(data["model"], (x, y), samples_per_class=5,
                         batch_size=8, verbose=0)
     cdrps = kd.cdrp(data["model"], x[:13], batch_size=8)
@@ -1085,12 +1110,6 @@ def test_multi_worker_strategy_gives_the_same_civs_on_every_worker(
         np.testing.assert_allclose(result["cdrps"], cdrps, atol=1e-5)
         assert str(result["refusal"]).startswith(
             "`finetune` runs in one process")
-    # Both workers resume from the chief's finished checkpoint.
-    again = _multiworker(data, tmp_path, x, y,
-                         checkpoint_dir=tmp_path / "ckpt", name="again")
-    for result in again:
-        np.testing.assert_array_equal(result["vectors"],
-                                      results[0]["vectors"])
 
 
 # ---------------------------------------------------------------------------
