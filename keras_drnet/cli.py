@@ -107,8 +107,9 @@ def _command_help(name):
     lines = [f"keras-drnet {name}: {summary}", "", "Flags:"]
     for flag in names + ["verbosity"]:
         entry = FLAGS[flag]
-        default = "" if entry.default is None else f" (default: "
-        default += "" if entry.default is None else f"{entry.default_as_str})"
+        default = "" if entry.default is None else (
+            f" (default: {entry.default_as_str})"
+        )
         need = " [required]" if flag in required else ""
         lines.append(f"  --{flag}: {entry.help}{default}{need}")
     return "\n".join(lines)
@@ -120,9 +121,7 @@ def _check_flags(name):
         if FLAGS[flag].value is None:
             raise UsageError(f"`{name}` needs --{flag}. See `keras-drnet "
                              f"{name} --help`.")
-    stray = [
-        f for f in _COMMANDS_FLAGS - set(names) if FLAGS[f].present
-    ]
+    stray = [f for f in _COMMANDS_FLAGS - set(names) if FLAGS[f].present]
     if stray:
         raise UsageError(
             f"`{name}` does not take --{', --'.join(sorted(stray))}. See "
@@ -189,13 +188,12 @@ def _data(spec):
     elif FLAGS.dataset is not None:
         import tensorflow_datasets as tfds
 
-        split = spec
         try:
-            ds, info = tfds.load(FLAGS.dataset, split=split,
+            ds, info = tfds.load(FLAGS.dataset, split=spec,
                                  as_supervised=True, with_info=True)
         except Exception as error:  # tfds raises many kinds
             raise UsageError(
-                f"--dataset={FLAGS.dataset} --split={split}: {error}"
+                f"--dataset={FLAGS.dataset} --split={spec}: {error}"
             ) from None
         label = info.features["label"]
         names = list(getattr(label, "names", []) or []) or None
@@ -376,7 +374,9 @@ def run(argv=None):
         print(f"keras-drnet: unknown command {command!r}; one of "
               f"{', '.join(_COMMANDS)}.", file=sys.stderr)
         return 2
-    FLAGS.unparse_flags()  # defaults again when called twice in a process
+    # Defaults (and no cached model) again when called twice in a process.
+    FLAGS.unparse_flags()
+    _LOADED.clear()
     if "--help" in argv or "-h" in argv:
         FLAGS(argv[:1], known_only=True)
         print(_command_help(command))
