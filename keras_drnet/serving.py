@@ -1,5 +1,7 @@
 """One SavedModel that serves any sub-task, chosen per request."""
 
+import warnings
+
 import keras
 import tensorflow as tf
 
@@ -105,9 +107,12 @@ def export_dynamic(
     ```
     """
     gated_model = gated_copy(model, civs)
-    # Checks threshold / budget / scope / empty_gates as `combine` does.
-    combine(civs, [0], threshold=threshold, budget=budget,
-            budget_scope=budget_scope, empty_gates=empty_gates)
+    # Checks threshold / budget / scope / empty_gates as `combine` does
+    # (its warnings would be about class 0, which nobody asked for).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        combine(civs, [0], threshold=threshold, budget=budget,
+                budget_scope=budget_scope, empty_gates=empty_gates)
     subtasks = dict(subtasks or {})
     for name, sub in subtasks.items():
         if not isinstance(sub, SubtaskModel) or sub.civs.fingerprint != (
