@@ -165,7 +165,7 @@ def finetune(
                               budget_scope="gate", calibrate=train_ds)
     small = keras_drnet.finetune(sub, unlabeled_images, epochs=3,
                                  distill=True)
-    small.export("cat_dog_small")
+    keras_drnet.export(small, "cat_dog_small.keras", format="keras")
     ```
     """
     _check_arguments(
