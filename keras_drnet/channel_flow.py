@@ -11,6 +11,7 @@ reads is live and the output channel it writes is needed. Channels are on
 the last axis; unknown layers are assumed to mix all channels.
 """
 
+import collections
 import dataclasses
 import math
 
@@ -343,6 +344,8 @@ class ChannelFlow:
     Attributes:
         nodes: `FlatNode`s in topological order (nested models inlined).
         live, need: `{tensor key: bool array}`.
+        producers: `{tensor key: the FlatNode that computes it}`.
+        readers: `{tensor key: number of calls (and outputs) reading it}`.
     """
 
     def __init__(self, model, output_mask=None):
@@ -360,6 +363,11 @@ class ChannelFlow:
         first = formats.get(True, False)
         for flat in self.nodes:
             flat.channels_first = first
+        self.producers = {k: f for f in self.nodes for k in f.outputs}
+        self.readers = collections.Counter(
+            k for f in self.nodes for k in f.inputs
+        )
+        self.readers.update(self.output_keys)
         self.live = {}
         for key, tensor in zip(self.input_keys, as_functional(model).inputs):
             self.live[key] = np.ones(_channels(tensor, first), bool)

@@ -118,10 +118,9 @@ def _classifier_keys(flow):
     The classifier's rows can then be taken in the sub-task's class order;
     a 1x1 Conv followed by Flatten (MobileNet) counts as a Dense.
     """
-    producers = {key: flat for flat in flow.nodes for key in flat.outputs}
     keys = [flow.output_keys[0]]
-    while keys[-1] in producers:
-        flat = producers[keys[-1]]
+    while keys[-1] in flow.producers:
+        flat = flow.producers[keys[-1]]
         node_kind = kind(flat)
         if node_kind == "dense":
             return keys
@@ -194,7 +193,7 @@ def _zero_output_channels(flat, weights, positions):
     return True
 
 
-def _fold_mask(flow, gate_flat, closed, layers, kept, readers, calls):
+def _fold_mask(flow, gate_flat, closed, layers, kept, calls):
     """Folds a gate's remaining 0 entries into the weights upstream of it.
 
     Walks back from the gate through ops that map 0 to 0 on the closed
@@ -203,10 +202,9 @@ def _fold_mask(flow, gate_flat, closed, layers, kept, readers, calls):
     must have the walk as its only reader. Returns False (nothing changed)
     where that is not possible, e.g. after a residual Add.
     """
-    producers = {key: flat for flat in flow.nodes for key in flat.outputs}
     key = gate_flat.inputs[0]
-    while key in producers and readers[key] == 1:
-        flat = producers[key]
+    while key in flow.producers and flow.readers[key] == 1:
+        flat = flow.producers[key]
         op = flat.op
         if calls[id(op)] != 1:
             return False
@@ -231,6 +229,7 @@ def _plan(sub):
             f"classes to keep. Received: {type(sub).__name__}"
         )
     classes = list(sub.cciv.classes)
+    # Logits of the classes outside the sub-task are never read.
     class_mask = np.zeros(sub.civs.num_classes, bool)
     class_mask[classes] = True
     flow = ChannelFlow(sub._logits_model, class_mask)
@@ -244,15 +243,20 @@ def _plan(sub):
     return flow, kept, classes
 
 
-def compact_costs(sub):
-    """Per-layer `LayerCost`s of `compact(sub)`, without building it: its
-    parameters and MACs are the `running_*` fields."""
+def subtask_costs(sub):
+    """Per-layer `LayerCost`s of a sub-task, from one channel analysis.
+
+    Returns `(running, compact)`: in `running` the `running_*` fields are
+    what the masked sub-task runs (see `channel_flow.running_costs`); in
+    `compact` they are what `compact(sub)` has, without building it.
+    """
     flow, kept, _ = _plan(sub)
     masks = {}
     for key, live in flow.live.items():
         masks[key] = np.zeros(live.size, bool)
         masks[key][kept[key]] = True
-    return layer_costs(flow, masks, masks)
+    running = layer_costs(flow, flow.live, flow.need)
+    return running, layer_costs(flow, masks, masks)
 
 
 def compact(sub, include_softmax=True):
@@ -309,8 +313,6 @@ def compact(sub, include_softmax=True):
         )
     inputs = [tensors[key] for key in flow.input_keys]
     layers, names = {}, set()
-    readers = collections.Counter(k for f in flow.nodes for k in f.inputs)
-    readers.update(flow.output_keys)
     calls = collections.Counter(id(f.op) for f in flow.nodes)
 
     def unique(name):
@@ -335,8 +337,7 @@ def compact(sub, include_softmax=True):
                 closed = np.flatnonzero(mask == 0)
                 if not closed.size or (
                     calls[id(op)] == 1
-                    and _fold_mask(flow, flat, closed, layers, kept, readers,
-                                   calls)
+                    and _fold_mask(flow, flat, closed, layers, kept, calls)
                 ):
                     tensors[flat.outputs[0]] = args[0]
                     continue

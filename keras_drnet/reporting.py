@@ -3,7 +3,6 @@
 import dataclasses
 import weakref
 
-import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
@@ -11,9 +10,8 @@ from keras import ops
 from keras_drnet.batching import model_input_shape
 from keras_drnet.channel_flow import data_formats
 from keras_drnet.channel_flow import flat_nodes
-from keras_drnet.channel_flow import running_costs
 from keras_drnet.channel_gate import per_sample_gates
-from keras_drnet.compaction import compact_costs
+from keras_drnet.compaction import subtask_costs
 
 
 @dataclasses.dataclass
@@ -173,10 +171,7 @@ def evaluate_subtask(sub, ds, batch_size=256):
     ```
     """
     _, dtype = model_input_shape(sub.gated_model)
-    # Logits of the classes outside the sub-task are never read.
-    class_mask = keras.ops.convert_to_numpy(sub.class_mask) > 0
-    costs = running_costs(sub._logits_model, class_mask)
-    small_costs = compact_costs(sub)
+    costs, small_costs = subtask_costs(sub)
     elements = sub.live_elements(ds)
     predict = _predictions(sub, dtype)
     full_correct = sub_correct = count = 0
