@@ -129,14 +129,32 @@ ARCHITECTURES = {
 DEFAULT_WIDTHS = {"vgg16": 0.5, "resnet18": 0.5, "mobilenetv2": 1.0}
 
 
-def cifar10(split):
-    """CIFAR-10 as (image in [0, 1], label) pairs, and the class names."""
+def pixel_scale(model):
+    """What the model's entry expects uint8 pixels to be multiplied by.
+
+    1.0 for a model that starts with its own `Rescaling(1/255)` (it takes raw
+    [0, 255] pixels, like `../shared/models/vgg16_w0.5_cifar10.keras`),
+    else 1/255 (images in [0, 1], like the quickstart's and `trained()`'s).
+    """
+    first = [layer for layer in model.layers
+             if not isinstance(layer, keras.layers.InputLayer)][0]
+    if isinstance(first, keras.layers.Rescaling) and np.isclose(
+            np.mean(first.scale) * 255.0, 1.0):
+        return 1.0
+    return 1 / 255
+
+
+def cifar10(split, scale=1 / 255):
+    """CIFAR-10 as (image * `scale`, label) pairs, and the class names.
+
+    `scale` is `pixel_scale(model)` for the model the images are for.
+    """
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
     ds, info = tfds.load("cifar10", split=split, as_supervised=True,
                          with_info=True)
-    ds = ds.map(lambda x, y: (tf.cast(x, "float32") / 255.0, y))
+    ds = ds.map(lambda x, y: (tf.cast(x, "float32") * scale, y))
     return ds, info.features["label"].names
 
 
@@ -211,7 +229,7 @@ def trained(arch, width, epochs, seed=0, quick=False, cache_dir=CACHE):
 def loaded(path):
     """A saved CIFAR-10 classifier, its test accuracy and the class names."""
     model = keras.models.load_model(os.path.expanduser(path), compile=False)
-    test, names = cifar10("test")
+    test, names = cifar10("test", pixel_scale(model))
     return model, test_accuracy(model, test.batch(500)), names
 
 
@@ -228,7 +246,7 @@ def dissected(model, name, samples, quick=False, cache_dir=CACHE, **fitting):
     path = os.path.join(cache_dir, f"{name}_civs{samples}_{key}.npz")
     if os.path.exists(path) and not quick:
         return kd.CIVs.load(path)
-    train, names = cifar10("train")
+    train, names = cifar10("train", pixel_scale(model))
     start = time.time()
     civs = kd.dissect(model, train, samples_per_class=samples,
                       class_names=names, verbose=0, **fitting)

@@ -17,6 +17,7 @@ from keras_drnet.model_surgery import inject_gates
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.reconstruction import CCIV
 from keras_drnet.reconstruction import combine
+from keras_drnet.repair import repair
 from keras_drnet.reporting import SubtaskReport
 from keras_drnet.reporting import evaluate_subtask
 from keras_drnet.serving import export_dynamic

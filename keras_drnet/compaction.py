@@ -304,6 +304,18 @@ def compact(sub, include_softmax=True):
     keras_drnet.export(small, "cat_dog.tflite", format="litert")
     ```
     """
+    small, _ = build_compact(sub, include_softmax)
+    return small
+
+
+def build_compact(sub, include_softmax=True):
+    """`compact(sub)` and where each of its layers came from.
+
+    Returns `(small, sliced)`: `sliced` lists, in graph order, every sliced
+    layer of the sub-task's network as `(its name, the new layer, kept input
+    channels, kept output channels)`; two copies of one network list the
+    same layers (`keras_drnet.repair` refits those weights).
+    """
     flow, kept, classes = _plan(sub)
     functional = as_functional(sub._logits_model)
     tensors = {}
@@ -312,7 +324,7 @@ def compact(sub, include_softmax=True):
             shape=tensor.shape[1:], dtype=tensor.dtype, name=tensor.name
         )
     inputs = [tensors[key] for key in flow.input_keys]
-    layers, names = {}, set()
+    layers, names, sliced = {}, set(), []
     calls = collections.Counter(id(f.op) for f in flow.nodes)
 
     def unique(name):
@@ -359,6 +371,7 @@ def compact(sub, include_softmax=True):
                 layers[id(op)] = _sliced_layer(
                     flat, kept_in, kept_out, unique(op.name)
                 )
+                sliced.append((op.name, layers[id(op)][0], kept_in, kept_out))
             layer = layers[id(op)][0]
         outputs = layer(*args, **kwargs)
         for key, value in zip(flat.outputs, keras.tree.flatten(outputs)):
@@ -378,4 +391,4 @@ def compact(sub, include_softmax=True):
         if weights:
             layer.set_weights(weights)
     small.class_names = names_out
-    return small
+    return small, sliced

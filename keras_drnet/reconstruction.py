@@ -111,7 +111,9 @@ def combine(
         classes: list of class names or indices.
         method: `"union"` or `"xor"`.
         threshold: float, the paper's `union_thr` / `xor_thr`.
-        budget: float in (0, 1], fraction of channels to keep.
+        budget: float in (0, 1], fraction of channels to keep; or a list
+            of such fractions, one per gate (per-gate budgets, e.g. from
+            `keras_drnet.allocate_budget()`).
         empty_gates: `"keep_best"` or `"allow"`.
         budget_scope: `"model"` (one ranking over all channels) or
             `"gate"` (the fraction of every gate's channels).
@@ -152,11 +154,8 @@ def combine(
             f"`budget_scope` must be one of {list(_BUDGET_SCOPES)}. "
             f"Received: budget_scope={budget_scope!r}"
         )
-    if budget is not None and not (is_number(budget) and 0 < budget <= 1):
-        raise ValueError(
-            "`budget` is the fraction of channels to keep, a number in "
-            f"(0, 1]. Received: budget={budget!r}"
-        )
+    if budget is not None:
+        fractions = _checked_budget(budget, civs.layout)
     if threshold is not None and not (
         is_number(threshold) and math.isfinite(threshold) and threshold >= 0
     ):
@@ -178,14 +177,13 @@ def combine(
         scores = np.abs(vectors[0] - vectors[1])
     if budget is not None:
         mask = np.zeros(scores.size, "float32")
-        spans = (
-            _gate_spans(civs.layout)
-            if budget_scope == "gate"
-            else [(0, scores.size)]
-        )
-        for start, stop in spans:
+        per_gate = budget_scope == "gate" or len(fractions) > 1
+        spans = _gate_spans(civs.layout) if per_gate else [(0, scores.size)]
+        if len(fractions) == 1:
+            fractions = fractions * len(spans)
+        for (start, stop), fraction in zip(spans, fractions):
             part = scores[start:stop]
-            keep = max(1, int(round(budget * part.size)))
+            keep = max(1, int(round(fraction * part.size)))
             order = np.argsort(-part, kind="stable")
             mask[start + order[:keep]] = 1.0
         threshold = float(scores[mask > 0].min())
@@ -205,6 +203,26 @@ def combine(
         threshold=float(threshold),
         scores=scores,
     )
+
+
+def _checked_budget(budget, layout):
+    """`budget` as a list of fractions: one, or one per gate."""
+    many = isinstance(budget, (list, tuple, np.ndarray))
+    fractions = list(np.asarray(budget).ravel()) if many else [budget]
+    if many and len(fractions) != len(layout):
+        raise ValueError(
+            "A `budget` list gives one fraction per gate, in the order of "
+            f"`keras_drnet.list_gates` ({len(layout)} gates here). Received: "
+            f"{len(fractions)} values"
+        )
+    for value in fractions:
+        if not (is_number(value) and 0 < value <= 1):
+            raise ValueError(
+                "`budget` is the fraction of channels to keep, a number in "
+                "(0, 1] (or a list of them, one per gate). Received: "
+                f"budget={budget!r}"
+            )
+    return [float(v) for v in fractions]
 
 
 def _warn_if_resets_open_everything(civs, indices, threshold):
