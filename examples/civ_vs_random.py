@@ -23,8 +23,9 @@ def main():
     rng = np.random.default_rng(0)
     random = kd.CIVs(rng.uniform(size=civs.vectors.shape), civs.class_names,
                      civs.counts, civs.layout, civs.fingerprint, civs.config)
-    train, _ = cifar_models.cifar10("train")
-    test_ds, _ = cifar_models.cifar10("test")
+    scale = cifar_models.pixel_scale(model)  # what its entry expects
+    train, _ = cifar_models.cifar10("train", scale)
+    test_ds, _ = cifar_models.cifar10("test", scale)
     test = cifar_models.per_class(test_ds, 300)
     calibration = cifar_models.per_class(train.skip(10_000), 128)
     base = tf.function(lambda x: model(x, training=False))

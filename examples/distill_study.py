@@ -55,7 +55,8 @@ RANKINGS = {
 
 _MODEL = flags.DEFINE_string(
     "model_path", "~/.cache/keras_drnet/quickstart_cifar10_v2.keras",
-    "A trained CIFAR-10 classifier (.keras, inputs in [0, 1]); default: "
+    "A trained CIFAR-10 classifier (.keras; its input scale is read off "
+    "its entry, see cifar_models.pixel_scale); default: "
     "the quickstart's.")
 _PAIRS = flags.DEFINE_list(
     "pairs", ["nine"], "nine (NINE_PAIRS), all (the 45), or pairs of "
@@ -201,8 +202,9 @@ def main(_):
         model, accuracy, names = cifar_models.loaded(_MODEL.value)
         tag = os.path.splitext(os.path.basename(_MODEL.value))[0]
     stem = _NAME.value or f"{tag}_distill"
-    train_ds, _ = cifar_models.cifar10("train")
-    test_ds, _ = cifar_models.cifar10("test")
+    scale = cifar_models.pixel_scale(model)  # what its entry expects
+    train_ds, _ = cifar_models.cifar10("train", scale)
+    test_ds, _ = cifar_models.cifar10("test", scale)
     test = cifar_models.per_class(test_ds, 8 if quick else _TEST.value)
     calibration = cifar_models.per_class(train_ds.skip(10_000),
                                           8 if quick else 128)

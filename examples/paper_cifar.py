@@ -165,8 +165,9 @@ def main(_):
     tag = f"{arch}_w{width:g}" + ("_quick" if quick else "")
     if _ON_TOP1.value != "reset":
         tag += f"_{_ON_TOP1.value}"
-    train, _ = cifar_models.cifar10("train")
-    test, _ = cifar_models.cifar10("test[:500]" if quick else "test")
+    scale = cifar_models.pixel_scale(model)  # what its entry expects
+    train, _ = cifar_models.cifar10("train", scale)
+    test, _ = cifar_models.cifar10("test[:500]" if quick else "test", scale)
     test = tuple(np.concatenate(part) for part in zip(
         *test.batch(1000).as_numpy_iterator()))
 

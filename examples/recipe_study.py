@@ -246,8 +246,9 @@ def main(_):
         model_key = f"{tag}_e{_EPOCHS.value}_s0"
     tag += "_quick" if quick else ""
     stem = _NAME.value or f"{tag}_recipes"
-    train_ds, _ = cifar_models.cifar10("train")
-    test_ds, _ = cifar_models.cifar10("test")
+    scale = cifar_models.pixel_scale(model)  # what its entry expects
+    train_ds, _ = cifar_models.cifar10("train", scale)
+    test_ds, _ = cifar_models.cifar10("test", scale)
     test = cifar_models.per_class(test_ds, 8 if quick else _TEST.value)
     calibration = cifar_models.per_class(
         train_ds.skip(10_000), 8 if quick else 128)

@@ -1,6 +1,7 @@
 """keras_drnet: DRNet (dissect and reconstruct ConvNets) for Keras 3."""
 
 from keras_drnet import model_surgery
+from keras_drnet.allocation import allocate_budget
 from keras_drnet.budget_search import smallest_subtask
 from keras_drnet.calibration import calibrate_batchnorm
 from keras_drnet.calibration import fill_closed_channels

@@ -107,6 +107,7 @@ def finetune(
     batch_size=128,
     shuffle_buffer=10_000,
     calibration_samples=1024,
+    start=None,
     verbose="auto",
 ):
     """Compacts a sub-task and fine-tunes it, on labels or by distillation.
@@ -150,6 +151,9 @@ def finetune(
         shuffle_buffer: int. Size of the shuffle buffer; pass shuffled data
             when the images are large.
         calibration_samples: int. Images for the final BatchNorm statistics.
+        start: `None` (default: `keras_drnet.compact(sub)`), or the compact
+            model of `sub` to start from, e.g. `keras_drnet.repair(sub,
+            images)`; it is trained in place.
         verbose: passed to `Model.fit()`; 0 is silent.
 
     Returns:
@@ -178,7 +182,7 @@ def finetune(
             "`MultiWorkerMirroredStrategy` scope, on one worker (a sub-task "
             "network fine-tunes in minutes on one device)."
         )
-    model = compact(sub)
+    model = compact(sub) if start is None else _checked_start(start, sub)
     # The compact model's output columns, as the original model's classes.
     columns = [sub.civs.class_names.index(n) for n in model.class_names]
     data, labelled = _elements(sub, ds, columns, keep_all=images == "all")
@@ -234,6 +238,19 @@ def finetune(
         calibration_samples,
     )
     return model
+
+
+def _checked_start(start, sub):
+    names = [sub.civs.class_names[i] for i in sub.cciv.classes]
+    if not isinstance(start, keras.Model) or sorted(
+        getattr(start, "class_names", [])
+    ) != sorted(names):
+        raise ValueError(
+            "`start` must be a compact model of this sub-task (from "
+            "`keras_drnet.compact(sub)` or `keras_drnet.repair(sub, ...)`), "
+            f"with class_names {names}. Received: {start!r}"
+        )
+    return start
 
 
 def _check_arguments(

@@ -106,13 +106,19 @@ def repair(
         _twin(sub, open_gates=True), include_softmax=False
     )
     targets = [
-        _Target(layer, full_layer, kept_out, full_out)
-        for (name, layer, _, kept_out), (full_name, full_layer, _, full_out)
+        _Target(layer, full_layer, kept_in, full_in, kept_out, full_out)
+        for (_, layer, kept_in, kept_out), (_, full_layer, full_in, full_out)
         in zip(sliced, full_sliced)
         if _refittable(layer)
     ]
+    # Layers before the first one that loses input channels read what the
+    # full network's read (a chain's; elsewhere the check below is a bound).
+    first = next((i for i, (_, _, kept_in, _), in enumerate(sliced)
+                  if len(kept_in) < len(full_sliced[i][2])), len(sliced))
+    cut = {id(entry[1]) for entry in sliced[first:]}
     for target in targets:
-        target.check_rows(len(batch), positions)
+        if id(target.layer) in cut:
+            target.check_rows(len(batch), positions)
     rng = np.random.default_rng(seed)
     for target in targets:
         target.sample(rng, len(batch), positions)
@@ -164,14 +170,17 @@ def _refittable(layer):
 class _Target:
     """One layer to refit: its patches, the full network's outputs there."""
 
-    def __init__(self, layer, full_layer, kept_out, full_out):
+    def __init__(self, layer, full_layer, kept_in, full_in, kept_out,
+                 full_out):
         self.layer = layer
         self.full_layer = full_layer
         self.depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
         self.conv = isinstance(layer, keras.layers.Conv2D) or self.depthwise
-        where = {int(c): i for i, c in enumerate(full_out)}
-        # Positions of this layer's kept output channels in the full one's.
-        self.columns = np.array([where[int(c)] for c in kept_out])
+        # Positions of this layer's kept channels in the full layer's.
+        self.inputs = _positions(kept_in, full_in)
+        self.all_inputs = len(kept_in) == len(full_in)
+        self.full_channels = len(full_in)
+        self.columns = _positions(kept_out, full_out)
         self.first_full = None
         self.targets = []
 
@@ -233,6 +242,18 @@ class _Target:
             return np.einsum("bpkc,kc->bpc", p, kernel.reshape(k, -1)) + bias
         return patches @ kernel.reshape(-1, kernel.shape[-1]) + bias
 
+    def reads_as_full(self, patches):
+        """Whether the layer's output already is the full network's: it
+        reads the same values (a depthwise layer: on its own channels)."""
+        if not (self.all_inputs or self.depthwise):
+            return False
+        full = self.first_full
+        full = full.reshape(*full.shape[:2], -1, self.full_channels)
+        full = full[..., self.inputs]
+        return full.size == patches.size and np.array_equal(
+            patches, full.reshape(patches.shape)
+        )
+
     def refit(self, small, batch, batch_size, ridge):
         reader = keras.Model(small.input, self.layer.input)
         kernel, *rest = self.layer.get_weights()
@@ -240,16 +261,11 @@ class _Target:
         d = self.unknowns()
         gram = np.zeros((out, d, d) if self.depthwise else (d, d))
         cross = np.zeros((out, d) if self.depthwise else (d, out))
-        same = True
         for start in range(0, len(batch), batch_size):
             x = reader(batch[start:start + batch_size], training=False)
             p = self.patches(self.layer, x, self.index[start:start + batch_size])
-            if start == 0:
-                same = p.shape == self.first_full.shape and np.array_equal(
-                    p, self.first_full
-                )
-                if same:
-                    return  # reads what the full network's layer reads
+            if start == 0 and self.reads_as_full(p):
+                return
             # Products in float32 (BLAS, all cores), sums in float64.
             y = self.targets[start // batch_size].reshape(-1, out)
             if self.depthwise:
@@ -291,6 +307,11 @@ class _Target:
             bn.moving_mean.assign(
                 keras.ops.convert_to_numpy(bn.moving_mean) - new_bias
             )
+
+
+def _positions(kept, full):
+    where = {int(c): i for i, c in enumerate(full)}
+    return np.array([where[int(c)] for c in kept], int)
 
 
 def _ridge_solve(gram, cross, ridge):
