@@ -123,8 +123,9 @@ def repair(
     for target in targets:
         target.sample(rng, len(batch), positions)
     _full_targets(full, targets, batch, batch_size)
+    reader = _Reader(small, batch, batch_size)
     for target in targets:
-        target.refit(small, batch, batch_size, ridge)
+        target.refit(reader.inputs_of(target.layer), batch_size, ridge)
     return small
 
 
@@ -242,30 +243,35 @@ class _Target:
             return np.einsum("bpkc,kc->bpc", p, kernel.reshape(k, -1)) + bias
         return patches @ kernel.reshape(-1, kernel.shape[-1]) + bias
 
-    def reads_as_full(self, patches):
+    def sampled(self, layer, outputs, index):
+        """`[batch, positions, channels]` outputs at the sampled positions."""
+        y = tf.convert_to_tensor(outputs)
+        if self.conv and layer.data_format == "channels_first":
+            y = tf.transpose(y, [0, 2, 3, 1])
+        y = tf.reshape(y, [y.shape[0], -1, y.shape[-1]])
+        return tf.gather(y, index, axis=1, batch_dims=1).numpy()
+
+    def reads_as_full(self, inputs):
         """Whether the layer's output already is the full network's: it
         reads the same values (a depthwise layer: on its own channels)."""
         if not (self.all_inputs or self.depthwise):
             return False
-        full = self.first_full
-        full = full.reshape(*full.shape[:2], -1, self.full_channels)
-        full = full[..., self.inputs]
-        return full.size == patches.size and np.array_equal(
-            patches, full.reshape(patches.shape)
-        )
+        first = self.conv and self.layer.data_format == "channels_first"
+        full = np.take(self.first_full, self.inputs, axis=1 if first else -1)
+        mine = inputs[: len(full)]
+        return full.shape == mine.shape and np.array_equal(full, mine)
 
-    def refit(self, small, batch, batch_size, ridge):
-        reader = keras.Model(small.input, self.layer.input)
+    def refit(self, inputs, batch_size, ridge):
         kernel, *rest = self.layer.get_weights()
         out = kernel.shape[-1] if not self.depthwise else kernel.shape[2]
         d = self.unknowns()
         gram = np.zeros((out, d, d) if self.depthwise else (d, d))
         cross = np.zeros((out, d) if self.depthwise else (d, out))
-        for start in range(0, len(batch), batch_size):
-            x = reader(batch[start:start + batch_size], training=False)
-            p = self.patches(self.layer, x, self.index[start:start + batch_size])
-            if start == 0 and self.reads_as_full(p):
+        for start in range(0, len(inputs), batch_size):
+            x = inputs[start:start + batch_size]
+            if start == 0 and self.reads_as_full(x):
                 return
+            p = self.patches(self.layer, x, self.index[start:start + batch_size])
             # Products in float32 (BLAS, all cores), sums in float64.
             y = self.targets[start // batch_size].reshape(-1, out)
             if self.depthwise:
@@ -309,6 +315,39 @@ class _Target:
             )
 
 
+class _Reader:
+    """The repaired model's input to each layer in turn, on all images.
+
+    The previous layer's input is kept, so that a chain runs only the
+    segment between two refit layers (a graph where that segment does not
+    stand alone, e.g. around a residual add, runs from the model's input).
+    """
+
+    def __init__(self, model, batch, batch_size):
+        self.model, self.batch, self.batch_size = model, batch, batch_size
+        self.cached = None
+
+    def inputs_of(self, layer):
+        tensor = layer.input
+        reader, source = None, self.batch
+        if self.cached is not None:
+            try:
+                reader = keras.Model(self.cached[0], tensor)
+                source = self.cached[1]
+            except ValueError:  # needs more than the cached tensor
+                reader, source = None, self.batch
+        if reader is None:
+            reader = keras.Model(self.model.input, tensor)
+        values = np.concatenate([
+            keras.ops.convert_to_numpy(
+                reader(source[start:start + self.batch_size], training=False)
+            )
+            for start in range(0, len(source), self.batch_size)
+        ])
+        self.cached = (tensor, values)
+        return values
+
+
 def _positions(kept, full):
     where = {int(c): i for i, c in enumerate(full)}
     return np.array([where[int(c)] for c in kept], int)
@@ -330,14 +369,31 @@ def _ridge_solve(gram, cross, ridge):
 
 def _full_targets(full, targets, batch, batch_size):
     """The full network's pre-activation outputs at every sampled position."""
-    reader = keras.Model(full.input, [t.full_layer.input for t in targets])
+    tensors = []
+    for target in targets:
+        tensors += [target.full_layer.input, target.full_layer.output]
+    reader = keras.Model(full.input, tensors)
     for start in range(0, len(batch), batch_size):
-        inputs = reader(batch[start:start + batch_size], training=False)
-        inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-        for target, x in zip(targets, inputs):
+        values = reader(batch[start:start + batch_size], training=False)
+        for i, target in enumerate(targets):
+            x, y = values[2 * i], values[2 * i + 1]
             index = target.index[start:start + batch_size]
-            p = target.patches(target.full_layer, x, index)
             if start == 0:
-                target.first_full = p
-            y = target.linear(target.full_layer, p)
+                target.first_full = keras.ops.convert_to_numpy(x[:_COMPARED])
+            if _linear(target.full_layer):  # the output is the target
+                y = target.sampled(target.full_layer, y, index)
+            else:
+                y = target.linear(
+                    target.full_layer,
+                    target.patches(target.full_layer, x, index),
+                )
             target.targets.append(y[..., target.columns].astype("float32"))
+
+
+def _linear(layer):
+    activation = getattr(layer, "activation", None)
+    return activation is None or activation is keras.activations.linear
+
+
+# Images on which a layer's input is compared with the full network's.
+_COMPARED = 16
