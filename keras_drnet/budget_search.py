@@ -7,18 +7,23 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from keras_drnet.allocation import EXPONENT
+from keras_drnet.allocation import allocate_budget
 from keras_drnet.batching import is_number
 from keras_drnet.batching import labelled_elements
 from keras_drnet.batching import model_input_shape
 from keras_drnet.civ import CIVs
 from keras_drnet.finetuning import finetune as finetune_subtask
 from keras_drnet.reconstruction import resolve_classes
+from keras_drnet.repair import repair as repair_subtask
 from keras_drnet.reporting import evaluate_subtask
 from keras_drnet.subtask import subtask
 
 BUDGETS = (
     0.05, 0.08, 0.11, 0.15, 0.2, 0.25, 0.33, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0
 )
+# Allocation exponents tried for the most accurate sub-task of a size.
+EXPONENTS = (0.0, 0.75, 1.5, 2.5)
 
 
 def smallest_subtask(
@@ -32,6 +37,9 @@ def smallest_subtask(
     calibrate=None,
     calibration_samples=512,
     finetune=None,
+    repair=None,
+    max_params=None,
+    exponents=EXPONENTS,
     verbose=1,
 ):
     """Searches the smallest channel budget whose accuracy drop is bounded.
@@ -54,21 +62,37 @@ def smallest_subtask(
             image must move the accuracy by at most `max_drop`: it needs at
             least `100 / max_drop` of them.
         budgets: increasing fractions of channels to try (see
-            `keras_drnet.combine()`).
-        budget_scope: `"gate"` (default: every layer keeps that fraction) or
-            `"model"`.
+            `keras_drnet.combine()`), or of running parameters with
+            `budget_scope="params"`.
+        budget_scope: `"gate"` (default: every layer keeps that fraction),
+            `"model"`, or `"params"`: each budget is a fraction of the
+            running parameters, spread over the gates by the cost of their
+            channels (`keras_drnet.allocate_budget()`).
         calibrate, calibration_samples: see `keras_drnet.subtask()`.
         finetune: `None`, or a dict of `keras_drnet.finetune()` arguments,
             with at least `"ds"`, e.g. `{"ds": train_ds, "epochs": 3,
             "distill": True}`: every candidate is compacted, fine-tuned and
             measured after the fine-tune.
+        repair: `None`, or images of the sub-task (see
+            `keras_drnet.repair()`): every candidate is compacted and
+            refit to the full network by least squares, without training,
+            and measured so (then fine-tuned from there with `finetune`).
+        max_params: `None`, or a fraction of the model's parameters: answer
+            the other question instead, the most accurate sub-task of that
+            many running parameters. One candidate per value of `exponents`
+            (`keras_drnet.allocate_budget()`; 0 is one fraction for every
+            gate), the most accurate on `validation_data` is returned;
+            `budgets` and `budget_scope` are not used.
+        exponents: the allocation exponents `max_params` tries.
         verbose: 0 (silent) or 1 (a line per candidate).
 
     Returns:
         A tuple `(result, table)`: `result` is the `SubtaskModel` of the
-        smallest budget that met `max_drop` (with `finetune`: its fine-tuned
-        compact model); `table` is a list of dicts, one per budget tried, in
-        budget order: `budget`, `running_params` (and
+        smallest budget that met `max_drop` (with `repair` / `finetune`:
+        its repaired / fine-tuned compact model; with `max_params`: the
+        most accurate candidate); `table` is a list of dicts, one per
+        candidate, in budget order: `budget`, `exponent` (the allocation's,
+        or None), `running_params` (and
         `running_params_fraction`), `running_flops` (and fraction),
         `compact_params` and `compact_flops` (what the compact model has),
         `accuracy`, `full_net_accuracy`, `drop` (pp), `met` and `seconds`.
@@ -101,30 +125,47 @@ def smallest_subtask(
             'arguments with at least "ds", e.g. {"ds": train_ds, "epochs": '
             f"3}}. Received: finetune={finetune!r}"
         )
+    if budget_scope not in ("gate", "model", "params"):
+        raise ValueError(
+            "`budget_scope` must be one of ['gate', 'model', 'params']. "
+            f"Received: budget_scope={budget_scope!r}"
+        )
     images, labels = _validation_images(
         model, civs, indices, validation_data, max_drop
     )
 
-    def measure(budget):
+    def measure(budget, exponent=None):
         start = time.time()
+        fractions = budget
+        if exponent is not None or budget_scope == "params":
+            exponent = EXPONENT if exponent is None else exponent
+            fractions = allocate_budget(
+                model, civs, classes, max_params=budget, exponent=exponent
+            )
         sub = subtask(
             model,
             civs,
             classes,
-            budget=budget,
-            budget_scope=budget_scope,
+            budget=fractions,
+            budget_scope="gate" if budget_scope == "params" else budget_scope,
             calibrate=calibrate,
             calibration_samples=calibration_samples,
         )
         report = evaluate_subtask(sub, (images, labels))
         result, accuracy = sub, report.sub_net_accuracy
+        if repair is not None:
+            result = repair_subtask(sub, repair)
+            accuracy = _compact_accuracy(result, civs, images, labels)
         if finetune is not None:
             arguments = {"verbose": 0, **finetune}
+            if repair is not None:
+                arguments["start"] = result
             result = finetune_subtask(sub, **arguments)
             accuracy = _compact_accuracy(result, civs, images, labels)
         drop = 100.0 * (report.full_net_accuracy - accuracy)
         row = {
             "budget": budget,
+            "exponent": exponent,
             "running_params": report.running_params,
             "running_params_fraction": report.running_params_fraction,
             "running_flops": report.running_flops,
@@ -140,12 +181,29 @@ def smallest_subtask(
         }
         if verbose:
             print(
-                f"budget {budget:g}: {row['running_params_fraction']:.1%} "
+                f"budget {budget:g}"
+                + ("" if exponent is None else f" (exponent {exponent:g})")
+                + f": {row['running_params_fraction']:.1%} "
                 f"params, accuracy {accuracy:.2%} (full net "
                 f"{report.full_net_accuracy:.2%}), drop {drop:.2f} pp "
                 f"[{row['seconds']:.0f} s]"
             )
         return row, result
+
+    if max_params is not None:
+        if not (is_number(max_params) and 0 < max_params <= 1):
+            raise ValueError(
+                "`max_params` is a fraction of the model's parameters, a "
+                f"number in (0, 1]. Received: max_params={max_params!r}"
+            )
+        best = None
+        table = []
+        for exponent in exponents:
+            row, result = measure(float(max_params), float(exponent))
+            table.append(row)
+            if best is None or row["accuracy"] > best[0]["accuracy"]:
+                best = row, result
+        return best[1], table
 
     # Bisection: `low` is known to fail (or is -1), `high` assumed to pass.
     tried = {}

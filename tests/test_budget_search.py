@@ -107,3 +107,41 @@ def test_bad_arguments_are_refused(case, kwargs, error, message):
     arguments.update(kwargs)
     with pytest.raises(error, match=message):
         kd.smallest_subtask(model, civs, **arguments)
+
+
+def _accuracy(small, x, y):
+    columns = np.array([sm.NAMES.index(n) for n in small.class_names])
+    return float(np.mean(
+        columns[np.asarray(small.predict(x, verbose=0)).argmax(-1)] == y))
+
+
+def test_most_accurate_under_a_size_tries_each_exponent(case):
+    model, civs, x, y, _ = case
+    sub, table = kd.smallest_subtask(
+        model, civs, ["cat", "dog"], validation_data=(x, y),
+        max_params=0.3, exponents=(0.0, 1.0, 2.0), verbose=0)
+    assert [row["exponent"] for row in table] == [0.0, 1.0, 2.0]
+    assert all(row["running_params_fraction"] <= 0.3 for row in table)
+    best = max(table, key=lambda row: row["accuracy"])
+    report = kd.evaluate_subtask(sub, (x, y))
+    assert report.sub_net_accuracy == best["accuracy"]
+    assert report.running_params_fraction == best["running_params_fraction"]
+
+
+def test_search_over_parameter_budgets_with_repair(case):
+    model, civs, x, y, drops = case
+    small, table = kd.smallest_subtask(
+        model, civs, ["cat", "dog"], max_drop=100.0, validation_data=(x, y),
+        budgets=(0.2, 0.5), budget_scope="params", repair=x, verbose=0)
+    # The bisection's first candidate passes any bound: it is returned.
+    assert [row["budget"] for row in table] == [0.2]
+    assert table[0]["running_params_fraction"] <= 0.2
+    assert small.class_names == ["cat", "dog"]
+    np.testing.assert_allclose(table[0]["accuracy"], _accuracy(small, x, y))
+    # What kd.repair gives for the same sub-task.
+    fractions = kd.allocate_budget(model, civs, ["cat", "dog"],
+                                   max_params=0.2)
+    sub = kd.subtask(model, civs, ["cat", "dog"], budget=fractions)
+    np.testing.assert_allclose(
+        small.predict(x[:20], verbose=0),
+        kd.repair(sub, x).predict(x[:20], verbose=0), rtol=1e-5, atol=1e-6)
