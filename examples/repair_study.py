@@ -144,6 +144,44 @@ def summarize(rows):
             for k, g in groups.items()]
 
 
+def family(allocation):
+    """`cost:1.5@0.108` -> `cost 1.5`; `uniform:0.33` -> `uniform`."""
+    kind, _, value = allocation.partition(":")
+    return kind if kind == "uniform" else f"{kind} {value.partition('@')[0]}"
+
+
+def plot(summary, path, title):
+    """Mean (solid) and worst-pair (dotted) drop against running params,
+    one line per ranking / allocation family / recovery."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = {}
+    for s in summary:
+        ranking, allocation, recovery = s["config"].split(" / ")
+        key = f"{ranking}, {family(allocation)}, {recovery}"
+        lines.setdefault(key, []).append(s)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, points in sorted(lines.items()):
+        points.sort(key=lambda s: s["params"])
+        x = [100 * s["params"] for s in points]
+        (line,) = ax.plot(x, [s["drop"] for s in points], "o-", ms=4,
+                          label=key)
+        ax.plot(x, [s["worst"] for s in points], ":", color=line.get_color(),
+                lw=1)
+    ax.axhline(0.5, color="grey", lw=0.5, ls="--")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("running parameters (% of the model's)")
+    ax.set_ylabel("accuracy drop (pp): mean, worst pair dotted")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(_):
     logging.set_verbosity(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*reset to all-ones gates")
@@ -187,12 +225,12 @@ def main(_):
     os.makedirs(_OUTPUT.value, exist_ok=True)
     path = os.path.join(_OUTPUT.value, f"{stem}_pairs.csv")
     rows = []
-    if os.path.exists(path) and not quick:
+    if os.path.exists(path):
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     done = {(r["pair"], r["ranking"], r["allocation"], r["recovery"])
             for r in rows}
-    new_file = not rows or quick
+    new_file = not rows
     out = open(path, "w" if new_file else "a", newline="")
     writer = csv.DictWriter(out, FIELDS)
     if new_file:
@@ -248,6 +286,9 @@ def main(_):
         f"{s['seconds']:.0f} |" for s in summary
     ]
     text = "\n".join(lines) + "\n"
+    plot(summary, os.path.join(_OUTPUT.value, f"{stem}.png"),
+         f"{tag} (test accuracy {accuracy:.1%}): {len(pairs)} two-class "
+         "sub-tasks")
     with open(os.path.join(_OUTPUT.value, f"{stem}.md"), "w") as f:
         f.write(text)
     print(text)

@@ -102,7 +102,7 @@ def allocate_budget(
     low, high = np.log(1e-4), np.log(relative.max() ** exponent + 1.0)
     if size(fractions_at(np.exp(high))) <= limit * size.total:
         return [float(f) for f in fractions_at(np.exp(high))]
-    for _ in range(40):
+    for _ in range(24):  # log-scale: ~1e-6 relative
         middle = (low + high) / 2
         if size(fractions_at(np.exp(middle))) <= limit * size.total:
             low = middle

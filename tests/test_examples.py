@@ -121,6 +121,23 @@ def test_distill_study_quick_mode_writes_the_grid(tmp_path):
     # covers it; a second subprocess here would cost a minute of CI.)
 
 
+@pytest.mark.slow
+def test_repair_study_quick_mode_resumes_where_it_stopped(tmp_path):
+    flags = [f"--output_dir={tmp_path}", "--allocations=uniform:0.5"]
+    _run_example("repair_study.py", *flags, "--recoveries=bn")
+    csv_path = tmp_path / "vgg16_w0.125_quick_repair_pairs.csv"
+    assert len(csv_path.read_text().splitlines()) == 1 + 2  # 2 pairs
+    # A second run with one more recovery computes only the new rows.
+    out = _run_example("repair_study.py", *flags, "--recoveries=bn,repair")
+    computed = [line for line in out.splitlines() if " pp [" in line]
+    assert len(computed) == 2 and all(" repair " in line for line in computed)
+    assert len(csv_path.read_text().splitlines()) == 1 + 4
+    text = (tmp_path / "vgg16_w0.125_quick_repair.md").read_text()
+    for config in ("cdrp / uniform:0.5 / bn", "cdrp / uniform:0.5 / repair"):
+        assert f"| {config} | 2 |" in text
+    assert _is_png(tmp_path / "vgg16_w0.125_quick_repair.png")
+
+
 def _quickstart_in_a_fresh_process(*flags):
     """Runs the quickstart's `main` with `flags` in a new interpreter.
 
