@@ -115,7 +115,7 @@ def recovered(sub, recovery, pair, repair_images, train):
     base, _, tune = recovery.partition("+")
     if base == "repair":
         small = kd.repair(sub, repair_images, positions=_POSITIONS.value,
-                          ridge=_RIDGE.value)
+                          ridge=_RIDGE.value, max_images=len(repair_images))
     elif base == "bn":
         small = kd.compact(sub)
     else:

@@ -22,7 +22,7 @@ from keras_drnet.subtask import gated_copy
 
 # Chosen on the CIFAR-10 VGG16 w0.5 (docs/results.md): 0 is one fraction
 # for every gate.
-EXPONENT = 0.75
+EXPONENT = 2.0
 
 
 def allocate_budget(
