@@ -200,3 +200,44 @@ def test_bad_input_is_refused_before_any_work(trained):
         kd.repair(sub, trained["x"], ridge=-1)
     with pytest.raises(ValueError, match="positions"):
         kd.repair(sub, trained["x"], positions=0)
+
+
+def _readme_blocks(after, count):
+    """The first `count` python code blocks of README.md after `after`."""
+    text = open(os.path.join(os.path.dirname(__file__), "..",
+                             "README.md")).read()
+    text = text[text.index(after):]
+    blocks = []
+    while len(blocks) < count:
+        start = text.index("```python\n") + len("```python\n")
+        end = text.index("```", start)
+        blocks.append(text[start:end])
+        text = text[end + 3:]
+    return blocks
+
+
+@pytest.mark.slow
+def test_readme_recommended_path_runs_as_written(trained, tmp_path,
+                                                 monkeypatch):
+    """The README's recommended calls, as written, on the MNIST model:
+    its classes named like CIFAR-10's, so that "cat" and "dog" are the
+    digits 3 and 5."""
+    monkeypatch.chdir(tmp_path)
+    x, y = _numpy("train[:6000]")
+    x_test, y_test = _numpy("test")
+    names = ["airplane", "automobile", "bird", "cat", "deer",
+             "dog", "frog", "horse", "ship", "truck"]
+    scope = {
+        "kd": kd, "model": trained["model"], "names": names,
+        "train": tf.data.Dataset.from_tensor_slices((x, y)),
+        "test": tf.data.Dataset.from_tensor_slices((x_test, y_test)),
+    }
+    recommended, search = _readme_blocks("**The recommended path", 2)
+    exec(recommended, scope)
+    small = scope["small"]
+    assert small.class_names == ["cat", "dog"]
+    assert kd.read_class_names("cat_dog_small.keras") == ["cat", "dog"]
+    assert sum(scope["fractions"]) < len(scope["fractions"])
+    exec(search, scope)
+    assert scope["table"][0]["exponent"] == 0.0  # the max_params search
+    assert scope["small"].class_names == ["cat", "dog"]
