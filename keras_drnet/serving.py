@@ -3,6 +3,7 @@
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_drnet.channel_gate import per_sample_gates
@@ -19,7 +20,14 @@ def _cciv_fn(civs, threshold, budget, budget_scope, empty_gates):
     vectors = tf.constant(civs.vectors, tf.float32)
     spans = _gate_spans(civs.layout)
     total = int(vectors.shape[1])
-    budget_spans = spans if budget_scope == "gate" else [(0, total)]
+    per_gate = budget_scope == "gate" or isinstance(
+        budget, (list, tuple, np.ndarray)
+    )
+    budget_spans = spans if per_gate else [(0, total)]
+    # One fraction per span (`combine` has checked a list's length).
+    fractions = (
+        list(np.ravel(budget)) if np.ndim(budget) else [budget] * len(spans)
+    )
 
     def top(part, count):
         # `np.argsort(-part, kind="stable")`: ties keep channel order.
@@ -33,8 +41,8 @@ def _cciv_fn(civs, threshold, budget, budget_scope, empty_gates):
         if budget is not None:
             mask = tf.concat(
                 [
-                    top(scores[a:b], max(1, int(round(budget * (b - a)))))
-                    for a, b in budget_spans
+                    top(scores[a:b], max(1, int(round(f * (b - a)))))
+                    for (a, b), f in zip(budget_spans, fractions)
                 ],
                 axis=0,
             )

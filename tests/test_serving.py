@@ -15,6 +15,9 @@ CONFIGS = {
     "threshold": dict(threshold=0.5),
     "budget": dict(budget=0.4),
     "budget_per_gate": dict(budget=0.3, budget_scope="gate"),
+    # One fraction per gate, as `kd.allocate_budget` returns.
+    "budget_list": dict(budget=[0.9, 0.25, 0.6, 0.4][: len(kd.list_gates(
+        kd.inject_gates(sm.bn_relu_cnn("softmax"))))]),
 }
 
 
