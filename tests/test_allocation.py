@@ -84,3 +84,17 @@ def test_allocation_refuses_bad_input(case):
                            exponent=float("nan"))
     with pytest.raises(ValueError, match="Unknown class name 'c99'"):
         kd.allocate_budget(model, civs, ["c99"], max_params=0.1)
+
+
+def test_a_per_gate_sub_task_survives_keras_save_and_load(case, tmp_path):
+    import keras
+
+    model, civs = case
+    fractions = kd.allocate_budget(model, civs, ["c1", "c2"], max_params=0.2)
+    sub = kd.subtask(model, civs, ["c1", "c2"], budget=fractions)
+    path = str(tmp_path / "sub.keras")
+    sub.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.budget == fractions
+    x = np.random.default_rng(0).uniform(0, 1, (4, 32, 32, 3))
+    np.testing.assert_allclose(loaded(x), sub(x), atol=1e-6)
