@@ -46,8 +46,10 @@ for _define, _name, _default, _help in [
     (_S, "checkpoint_dir", None, "Resumable progress (default: --out + "
      "'.ckpt'); rerun the same command to resume."),
     (_L, "classes", None, "The sub-task's classes, e.g. cat,dog."),
-    (_F, "budget", None, "Fraction of channels to keep."),
-    (_S, "budget_scope", "gate", "model or gate."),
+    (_F, "budget", None, "Fraction of channels to keep (with "
+     "--budget_scope=params: of the running parameters)."),
+    (_S, "budget_scope", "gate", "model, gate, or params (the parameter "
+     "budget spread over the layers by the cost of their channels)."),
     (_F, "threshold", None, "The paper's union threshold."),
     (_F, "max_drop", None, "Search the smallest per-gate budget within this "
      "accuracy drop (pp) on --validation."),
@@ -55,8 +57,11 @@ for _define, _name, _default, _help in [
      "a split of --dataset (e.g. test), or a folder / .npz."),
     (_B, "calibrate", False, "Re-estimate BatchNorm statistics on the "
      "sub-task's images of the data."),
+    (_B, "repair", False, "Refit the compact model to the full network "
+     "by least squares on the sub-task's images of the data (no training)."),
     (_I, "finetune_epochs", 0, "Fine-tune the compact model on the "
-     "sub-task's images of the data."),
+     "sub-task's images of the data (after --repair: from the repaired "
+     "model)."),
     (_B, "tflite", False, "Also write model.tflite."),
     (_I, "verbosity", 0, "1 shows the Python traceback of an error."),
 ]:
@@ -74,7 +79,7 @@ _COMMANDS = {
         " report.json and the per-layer plot.",
         ["model", "civs", "classes", "budget", "budget_scope", "threshold",
          "max_drop", "validation", "dataset", "split", "data", "rescale",
-         "calibrate", "finetune_epochs", "tflite", "out"],
+         "calibrate", "repair", "finetune_epochs", "tflite", "out"],
         ["model", "civs", "classes", "out"],
     ),
     "report": (
@@ -256,9 +261,17 @@ def _subtask(model, civs, calibrate=None):
     if (FLAGS.budget is None) == (FLAGS.threshold is None):
         raise UsageError("Pass exactly one of --budget (e.g. 0.33) or "
                          "--threshold.")
-    return kd.subtask(model, civs, FLAGS.classes, budget=FLAGS.budget,
-                      threshold=FLAGS.threshold,
-                      budget_scope=FLAGS.budget_scope, calibrate=calibrate)
+    budget, scope = FLAGS.budget, FLAGS.budget_scope
+    if scope == "params":
+        if budget is None:
+            raise UsageError("--budget_scope=params needs --budget (a "
+                             "fraction of the running parameters).")
+        budget = kd.allocate_budget(model, civs, FLAGS.classes,
+                                    max_params=budget)
+        scope = "gate"
+    return kd.subtask(model, civs, FLAGS.classes, budget=budget,
+                      threshold=FLAGS.threshold, budget_scope=scope,
+                      calibrate=calibrate)
 
 
 def subtask():
@@ -272,7 +285,7 @@ def subtask():
     if sum(v is not None for v in chosen) != 1:
         raise UsageError("Pass exactly one of --budget, --threshold or "
                          "--max_drop (with --validation).")
-    needs_data = FLAGS.calibrate or FLAGS.finetune_epochs
+    needs_data = FLAGS.calibrate or FLAGS.repair or FLAGS.finetune_epochs
     ds = None
     if needs_data:
         ds = _data(FLAGS.data or FLAGS.split or "train")[0]
@@ -287,17 +300,20 @@ def subtask():
             finetune = {"ds": ds, "epochs": FLAGS.finetune_epochs}
         result, table = kd.smallest_subtask(
             model, civs, FLAGS.classes, max_drop=FLAGS.max_drop,
-            validation_data=validation, calibrate=ds if FLAGS.calibrate
-            else None, finetune=finetune, verbose=1,
+            validation_data=validation, budget_scope=FLAGS.budget_scope,
+            calibrate=ds if FLAGS.calibrate else None, finetune=finetune,
+            repair=ds if FLAGS.repair else None, verbose=1,
         )
-        small = result if finetune else kd.compact(result)
-        sub = result if not finetune else None
+        trained = finetune or FLAGS.repair
+        small = result if trained else kd.compact(result)
+        sub = None if trained else result
         report = {"search": table}
     else:
         sub = _subtask(model, civs, ds if FLAGS.calibrate else None)
-        small = kd.compact(sub)
+        small = kd.repair(sub, ds) if FLAGS.repair else kd.compact(sub)
         if FLAGS.finetune_epochs:
-            small = kd.finetune(sub, ds, epochs=FLAGS.finetune_epochs)
+            small = kd.finetune(sub, ds, epochs=FLAGS.finetune_epochs,
+                                start=small if FLAGS.repair else None)
         report = {}
     if sub is not None and FLAGS.validation is not None:
         validation = _data(FLAGS.validation)[0]
@@ -305,13 +321,15 @@ def subtask():
         print(evaluated)
         evaluated.plot(os.path.join(FLAGS.out, "running_channels.png"))
         report.update(_report_dict(evaluated))
-        if FLAGS.finetune_epochs:
+        if FLAGS.finetune_epochs or FLAGS.repair:
             batches = sub.live_elements(validation).batch(1024)
             images, labels = zip(*batches.as_numpy_iterator())
             accuracy = _compact_accuracy(small, civs, np.concatenate(images),
                                          np.concatenate(labels))
-            report["finetuned_accuracy"] = accuracy
-            print(f"  fine-tuned compact model:          {accuracy:.2%}")
+            what = "fine-tuned" if FLAGS.finetune_epochs else "repaired"
+            report[f"{what.replace('-', '')}_accuracy"] = accuracy
+            print(f"  {what} compact model:{' ' * (20 - len(what))}"
+                  f"{accuracy:.2%}")
     report.update({"classes": small.class_names,
                    "compact_params": small.count_params(),
                    "model_params": model.count_params()})

@@ -156,3 +156,26 @@ def test_ctrl_c_in_dissect_says_how_to_resume(files, capsys, monkeypatch,
     assert f"Progress is in {out}.ckpt: run the same command again to " \
            "resume." in err
     assert not out.exists()
+
+
+def test_subtask_with_a_parameter_budget_and_repair(files, capsys, tmp_path):
+    folder, model, x, y = files
+    civs = kd.CIVs.load(folder / "own_civs.npz")
+    out = tmp_path / "repaired"
+    data = f"--data={folder / 'data.npz'}"
+    assert cli.run(["keras-drnet", "subtask", f"--model={folder / 'm.keras'}",
+                    f"--civs={folder / 'own_civs.npz'}", "--classes=cat,dog",
+                    "--budget=0.5", "--budget_scope=params", "--repair", data,
+                    f"--validation={folder / 'data.npz'}",
+                    f"--out={out}"]) == 0
+    assert "repaired compact model:" in capsys.readouterr().out
+    fractions = kd.allocate_budget(model, civs, ["cat", "dog"],
+                                   max_params=0.5)
+    sub = kd.subtask(model, civs, ["cat", "dog"], budget=fractions)
+    want = kd.repair(sub, (x, y))
+    small = keras.models.load_model(out / "model.keras")
+    np.testing.assert_allclose(np.asarray(small(x)), np.asarray(want(x)),
+                               rtol=1e-5, atol=1e-6)
+    report = json.loads((out / "report.json").read_text())
+    assert 0 <= report["repaired_accuracy"] <= 1
+    assert report["running_params"] <= 0.5 * report["params"]
