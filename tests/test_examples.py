@@ -123,14 +123,21 @@ def test_distill_study_quick_mode_writes_the_grid(tmp_path):
 
 @pytest.mark.slow
 def test_repair_study_quick_mode_resumes_where_it_stopped(tmp_path):
-    flags = [f"--output_dir={tmp_path}", "--allocations=uniform:0.5"]
-    _run_example("repair_study.py", *flags, "--recoveries=bn")
+    # A run that stopped after one row: the rerun computes the other three.
     csv_path = tmp_path / "vgg16_w0.125_quick_repair_pairs.csv"
-    assert len(csv_path.read_text().splitlines()) == 1 + 2  # 2 pairs
-    # A second run with one more recovery computes only the new rows.
-    out = _run_example("repair_study.py", *flags, "--recoveries=bn,repair")
-    computed = [line for line in out.splitlines() if " pp [" in line]
-    assert len(computed) == 2 and all(" repair " in line for line in computed)
+    csv_path.write_text(
+        "pair,ranking,allocation,recovery,params,compact_params,full,"
+        "accuracy,drop,seconds\n"
+        "cat-dog,cdrp,uniform:0.5,bn,0.25,0.25,0.5,0.5,0.0,1.0\n")
+    out = _run_example("repair_study.py", f"--output_dir={tmp_path}",
+                       "--allocations=uniform:0.5", "--recoveries=bn,repair")
+    computed = [line.split()[:4] for line in out.splitlines()
+                if " pp [" in line]
+    assert computed == [
+        ["cat-dog", "cdrp", "uniform:0.5", "repair"],
+        ["bird-cat", "cdrp", "uniform:0.5", "bn"],
+        ["bird-cat", "cdrp", "uniform:0.5", "repair"],
+    ], out
     assert len(csv_path.read_text().splitlines()) == 1 + 4
     text = (tmp_path / "vgg16_w0.125_quick_repair.md").read_text()
     for config in ("cdrp / uniform:0.5 / bn", "cdrp / uniform:0.5 / repair"):
