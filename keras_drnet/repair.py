@@ -113,7 +113,7 @@ def repair(
     ]
     # Layers before the first one that loses input channels read what the
     # full network's read (a chain's; elsewhere the check below is a bound).
-    first = next((i for i, (_, _, kept_in, _), in enumerate(sliced)
+    first = next((i for i, (_, _, kept_in, _) in enumerate(sliced)
                   if len(kept_in) < len(full_sliced[i][2])), len(sliced))
     cut = {id(entry[1]) for entry in sliced[first:]}
     for target in targets:
