@@ -98,7 +98,7 @@ def repair(
             f"`ridge` must be a finite number >= 0. Received: ridge={ridge!r}"
         )
     batch = _first_batch(
-        sub.gated_model, _subtask_images(sub, images), max_images, "`repair`"
+        sub.gated_model, sub.subtask_images(images), max_images, "`repair`"
     )
     masked = _twin(sub, open_gates=False)
     small, sliced = build_compact(masked, include_softmax)
@@ -127,16 +127,6 @@ def repair(
     for target in targets:
         target.refit(reader.inputs_of(target.layer), batch_size, ridge)
     return small
-
-
-def _subtask_images(sub, images):
-    paired = isinstance(images, tuple) or (
-        isinstance(images, tf.data.Dataset)
-        and isinstance(images.element_spec, tuple)
-    )
-    if paired:
-        return sub.live_elements(images).map(lambda x, y: x)
-    return images
 
 
 def _twin(sub, open_gates):

@@ -226,12 +226,9 @@ class SubtaskModel(keras.Model):
         Returns:
             The names of the recalibrated layers.
         """
-        paired = isinstance(ds, tuple) or (
-            isinstance(ds, tf.data.Dataset)
-            and isinstance(ds.element_spec, tuple)
-        )
-        if paired:
-            ds = self.live_elements(ds).map(lambda x, y: x).take(samples)
+        ds = self.subtask_images(ds)
+        if isinstance(ds, tf.data.Dataset):
+            ds = ds.take(samples)
         names = calibrate_batchnorm(self.gated_model, ds, max_images=samples)
         self.calibrated_for = list(self.cciv.classes)
         return names
@@ -268,6 +265,15 @@ class SubtaskModel(keras.Model):
             for variable, value in zip(variables, np.split(reference, splits)):
                 variable.assign(value)
         return copy
+
+    def subtask_images(self, ds):
+        """The images of `ds` to use for this sub-task: of `(image, label)`
+        pairs those of its classes, else all of them (assumed to be)."""
+        paired = isinstance(ds, tuple) or (
+            isinstance(ds, tf.data.Dataset)
+            and isinstance(ds.element_spec, tuple)
+        )
+        return self.live_elements(ds).map(lambda x, y: x) if paired else ds
 
     def live_elements(self, ds):
         """The unbatched `(image, label)` elements of the sub-task's classes."""
