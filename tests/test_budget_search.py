@@ -45,7 +45,8 @@ def test_search_returns_the_smallest_budget_within_the_bound(case, answer):
     max_drop = (drops[answer] + drops[answer - 1]) / 2
     sub, table = kd.smallest_subtask(
         model, civs, ["cat", "dog"], max_drop=max_drop,
-        validation_data=(x, y), budgets=BUDGETS, verbose=0)
+        validation_data=(x, y), budgets=BUDGETS, budget_scope="gate",
+        verbose=0)
     assert isinstance(sub, kd.SubtaskModel)
     assert sub.budget == BUDGETS[answer]
     assert sub.live_class_names == ["cat", "dog"]
@@ -71,7 +72,8 @@ def test_no_budget_within_the_bound_returns_the_largest_with_a_warning(case):
     with pytest.warns(UserWarning, match="No budget up to 0.8"):
         sub, table = kd.smallest_subtask(
             model, civs, ["cat", "dog"], max_drop=drops[1] / 2,
-            validation_data=(x, y), budgets=(0.1, 0.8), verbose=0)
+            validation_data=(x, y), budgets=(0.1, 0.8), budget_scope="gate",
+            verbose=0)
     assert sub.budget == 0.8 and not table[-1]["met"]
 
 
@@ -79,8 +81,8 @@ def test_search_with_a_finetune_measures_the_finetuned_model(case):
     model, civs, x, y, _ = case
     small, table = kd.smallest_subtask(
         model, civs, ["cat", "dog"], max_drop=100.0, validation_data=(x, y),
-        budgets=(0.8, 1.0), finetune={"ds": (x, y), "epochs": 1,
-                                      "learning_rate": 0.0},
+        budgets=(0.8, 1.0), budget_scope="gate",
+        finetune={"ds": (x, y), "epochs": 1, "learning_rate": 0.0},
         verbose=0)
     names = small.class_names
     columns = np.array([sm.NAMES.index(n) for n in names])
@@ -99,6 +101,7 @@ def test_search_with_a_finetune_measures_the_finetuned_model(case):
     (dict(validation_data=None), ValueError, "`validation_data` is required"),
     (dict(classes=["cat", "bird"]), ValueError, r"no image of \['bird'\]"),
     (dict(max_drop=0.1), ValueError, "needs at least 1000"),
+    (dict(repair="yes"), ValueError, r'"auto".*Received: repair=\'yes\''),
 ])
 def test_bad_arguments_are_refused(case, kwargs, error, message):
     model, civs, x, y, _ = case
@@ -145,3 +148,24 @@ def test_search_over_parameter_budgets_with_repair(case):
     np.testing.assert_allclose(
         small.predict(x[:20], verbose=0),
         kd.repair(sub, x).predict(x[:20], verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_default_search_repairs_on_the_calibration_images(case):
+    model, civs, x, y, _ = case
+    arguments = dict(max_drop=100.0, validation_data=(x, y), budgets=(0.2,),
+                     calibrate=x, verbose=0)
+    auto, auto_table = kd.smallest_subtask(model, civs, ["cat", "dog"],
+                                           **arguments)
+    given, given_table = kd.smallest_subtask(model, civs, ["cat", "dog"],
+                                             repair=x, **arguments)
+    # The default is parameter budgets and kd.repair on `calibrate`.
+    assert isinstance(auto, keras.Model)
+    assert not isinstance(auto, kd.SubtaskModel)
+    assert auto_table[0]["running_params_fraction"] <= 0.2
+    assert auto_table[0]["accuracy"] == given_table[0]["accuracy"]
+    np.testing.assert_allclose(auto.predict(x[:20], verbose=0),
+                               given.predict(x[:20], verbose=0), atol=1e-6)
+    # repair=None turns it off: the calibrated SubtaskModel comes back.
+    sub, _ = kd.smallest_subtask(model, civs, ["cat", "dog"], repair=None,
+                                 **arguments)
+    assert isinstance(sub, kd.SubtaskModel)
