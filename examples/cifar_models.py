@@ -158,7 +158,8 @@ def cifar10(split, scale=1 / 255):
     return ds, info.features["label"].names
 
 
-def _augment(image, label):
+def augment(image, label):
+    """A random horizontal flip and a crop of the image padded by 4."""
     import tensorflow as tf
 
     image = tf.image.random_flip_left_right(image)
@@ -210,7 +211,7 @@ def trained(arch, width, epochs, seed=0, quick=False, cache_dir=CACHE):
     if quick:  # not the 50,000-image shuffle buffer for three batches
         train = train.take(3 * 128)
     batches = (train.cache().shuffle(50_000, seed=seed)
-               .map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+               .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
                .batch(128).prefetch(tf.data.AUTOTUNE))
     compile_for_training(model, 3 if quick else 391 * epochs)
     start = time.time()

@@ -13,8 +13,12 @@ its entry), builds every two-class sub-task for each combination of
 - a recovery (`--recoveries`): `bn` (BatchNorm recalibrated on 256 of the
   pair's training images, the masked network as it is), `repair`
   (`kd.repair` on `--repair_images` of them: least squares, no SGD), or
-  either followed by `+ftN` / `+distillN` (N epochs of `kd.finetune` on the
-  pair's 10,000 training images, hard labels / distillation),
+  either followed by `+ftN` / `+distillN` / `+bothN` (N epochs of
+  `kd.finetune` on the pair's 10,000 training images: hard labels /
+  distillation / both, `label_weight=0.5`; a trailing `a` adds flips and
+  shifts, e.g. `+distill3a`); or `scratchN`, the baseline: the same
+  compact architecture with new weights, N epochs on the pair's labels
+  with flips and crops (SGD, warm-up and cosine, as the model was trained),
 
 and measures the drop against the full network's masked softmax on the
 pair's 2,000 test images. One CSV row per (pair, config), written as it
@@ -33,6 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import csv  # noqa: E402
 import itertools  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -77,6 +82,8 @@ _REPAIR_IMAGES = flags.DEFINE_integer(
 _POSITIONS = flags.DEFINE_integer("positions", 64,
                                   "kd.repair's positions per image.")
 _RIDGE = flags.DEFINE_float("ridge", 1e-3, "kd.repair's ridge.")
+_LEARNING_RATE = flags.DEFINE_float(
+    "learning_rate", 0.01, "kd.finetune's initial learning rate.")
 _TEST = flags.DEFINE_integer("test_per_class", 1000, "Test images per class.")
 _NAME = flags.DEFINE_string("name", None, "Output file name stem.")
 _OUTPUT = flags.DEFINE_string("output_dir", "examples/results",
@@ -110,24 +117,68 @@ def compact_accuracy(small, names, test, pair):
     return correct / total
 
 
+TUNE = re.compile(r"(ft|distill|both)(\d+)(a?)$")
+
+
 def recovered(sub, recovery, pair, repair_images, train):
-    """The compact model after a recovery: bn, repair, then +ftN/+distillN."""
+    """The compact model after a recovery (see `--recoveries`)."""
     base, _, tune = recovery.partition("+")
+    x = y = None
+    if train is not None:
+        x = np.concatenate([train[c] for c in pair])
+        y = np.repeat(pair, [len(train[c]) for c in pair])
     if base == "repair":
         small = kd.repair(sub, repair_images, positions=_POSITIONS.value,
                           ridge=_RIDGE.value, max_images=len(repair_images))
     elif base == "bn":
         small = kd.compact(sub)
+    elif base.startswith("scratch") and not tune:
+        small = kd.compact(sub)
+        names = sub.civs.class_names
+        columns = np.array([small.class_names.index(names[c]) for c in y])
+        return from_scratch(small, x, columns, int(base[7:]))
     else:
         raise ValueError(f"Unknown recovery {recovery!r}")
     if not tune:
         return small
-    distill = tune.startswith("distill")
-    epochs = int(tune.removeprefix("distill").removeprefix("ft"))
-    x = np.concatenate([train[c] for c in pair])
-    y = np.repeat(pair, [len(train[c]) for c in pair])
-    return kd.finetune(sub, (x, y), epochs=epochs, distill=distill,
+    match = TUNE.match(tune)
+    if match is None:
+        raise ValueError(f"Unknown recovery {recovery!r}")
+    loss, epochs, augment = match.groups()
+    return kd.finetune(sub, (x, y), epochs=int(epochs),
+                       distill=loss != "ft",
+                       label_weight=0.5 if loss == "both" else 0.0,
+                       augment=augment == "a",
+                       learning_rate=_LEARNING_RATE.value,
                        start=small, verbose=0)
+
+
+def from_scratch(small, x, columns, epochs):
+    """The baseline: the compact architecture, its weights drawn anew, and
+    trained on the pair's labelled images as the model itself was (SGD,
+    warm-up and cosine decay, flips and crops)."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    for layer in small.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.set_weights([np.ones_like(w) if i in (0, 3) else
+                               np.zeros_like(w)
+                               for i, w in enumerate(layer.get_weights())])
+        elif hasattr(layer, "kernel"):  # Conv2D, Dense, DepthwiseConv2D
+            initializer = keras.initializers.HeNormal()
+            layer.set_weights([np.asarray(initializer(w.shape)) if i == 0
+                               else np.zeros_like(w)
+                               for i, w in enumerate(layer.get_weights())])
+    logits = keras.Model(small.input,
+                         small.get_layer("class_probabilities").input)
+    batches = (tf.data.Dataset.from_tensor_slices((x, columns))
+               .shuffle(len(x))
+               .map(cifar_models.augment).batch(128).prefetch(2))
+    cifar_models.compile_for_training(logits, epochs * -(-len(x) // 128))
+    logits.fit(batches, epochs=epochs, verbose=0)
+    return small
 
 
 def summarize(rows):
@@ -201,7 +252,8 @@ def main(_):
     # Dissection read the first 100 training images per class: skip them.
     held = cifar_models.per_class(
         train_ds.skip(10_000), 40 if quick else _REPAIR_IMAGES.value // 2)
-    needs_train = any("+" in r for r in _RECOVERIES.value)
+    needs_train = any("+" in r or r.startswith("scratch")
+                      for r in _RECOVERIES.value)
     train = (cifar_models.per_class(train_ds, 16 if quick else 5000)
              if needs_train else None)
     if _PAIRS.value == ["nine"]:
