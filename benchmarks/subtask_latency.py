@@ -25,7 +25,7 @@ from absl import flags  # noqa: E402
 
 import cifar_models  # noqa: E402
 import keras_drnet as kd  # noqa: E402
-from keras_drnet.channel_flow import running_costs  # noqa: E402
+from keras_drnet.graph import running_costs  # noqa: E402
 from keras_drnet.civ import gate_layout  # noqa: E402
 from keras_drnet.civ import model_fingerprint  # noqa: E402
 

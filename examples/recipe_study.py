@@ -44,7 +44,7 @@ from absl import logging  # noqa: E402
 
 import cifar_models  # noqa: E402
 import keras_drnet as kd  # noqa: E402
-from keras_drnet.channel_flow import running_costs  # noqa: E402
+from keras_drnet.graph import running_costs  # noqa: E402
 
 # name: (fitting settings, calibrate, mask: None, "soft" or "fill")
 RECIPES = {

@@ -14,6 +14,8 @@ from keras_drnet.export import read_class_names
 from keras_drnet.finetuning import finetune
 from keras_drnet.gate_fitting import GateFitter
 from keras_drnet.gate_fitting import cdrp
+from keras_drnet.graph import LayerKind
+from keras_drnet.graph import register_layer_kind
 from keras_drnet.model_surgery import inject_gates
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.reconstruction import CCIV
@@ -26,3 +28,12 @@ from keras_drnet.subtask import SubtaskModel
 from keras_drnet.subtask import subtask
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CCIV", "CIVs", "ChannelGate", "GateFitter", "LayerKind", "SubtaskModel",
+    "SubtaskReport", "allocate_budget", "calibrate_batchnorm", "cdrp",
+    "combine", "compact", "dissect", "evaluate_subtask", "export",
+    "export_dynamic", "fill_closed_channels", "finetune", "inject_gates",
+    "list_gates", "model_surgery", "read_class_names", "register_layer_kind",
+    "repair", "smallest_subtask", "subtask",
+]

@@ -13,7 +13,7 @@ sub-task meets a parameter or FLOP budget.
 import numpy as np
 
 from keras_drnet.batching import is_number
-from keras_drnet.channel_flow import running_costs
+from keras_drnet.graph import running_costs
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
 from keras_drnet.reconstruction import combine

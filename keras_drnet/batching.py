@@ -249,3 +249,23 @@ def is_chief(strategy):
     if "chief" in resolver.cluster_spec().as_dict():
         return resolver.task_type == "chief"
     return resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def first_batch(model, images, max_images, purpose):
+    """Up to `max_images` of `images` as one numpy batch; never empty."""
+    input_shape, dtype = model_input_shape(model)
+    batch = next(image_batches(images, max_images, input_shape, dtype), None)
+    if batch is None or len(batch) == 0:
+        raise ValueError(
+            f"`images` is empty: {purpose} needs images of the sub-task's "
+            "classes."
+        )
+    finite = np.isfinite(batch.reshape(len(batch), -1)).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite).tolist()
+        raise ValueError(
+            f"{purpose} would average NaN or inf into every statistic: "
+            f"images {bad[:10]}{' ...' if len(bad) > 10 else ''} of the "
+            f"{len(batch)} taken have non-finite values. Remove them first."
+        )
+    return batch

@@ -16,6 +16,7 @@ from keras_drnet.civ import CIVs
 from keras_drnet.finetuning import finetune as finetune_subtask
 from keras_drnet.reconstruction import resolve_classes
 from keras_drnet.repair import repair as repair_subtask
+from keras_drnet.reporting import compact_accuracy
 from keras_drnet.reporting import evaluate_subtask
 from keras_drnet.subtask import subtask
 
@@ -171,13 +172,17 @@ def smallest_subtask(
         result, accuracy = sub, report.sub_net_accuracy
         if repair is not None:
             result = repair_subtask(sub, repair)
-            accuracy = _compact_accuracy(result, civs, images, labels)
+            accuracy = compact_accuracy(
+                result, civs.class_names, images, labels
+            )
         if finetune is not None:
             arguments = {"verbose": 0, **finetune}
             if repair is not None:
                 arguments["start"] = result
             result = finetune_subtask(sub, **arguments)
-            accuracy = _compact_accuracy(result, civs, images, labels)
+            accuracy = compact_accuracy(
+                result, civs.class_names, images, labels
+            )
         drop = 100.0 * (report.full_net_accuracy - accuracy)
         row = {
             "budget": budget,
@@ -304,9 +309,3 @@ def _validation_images(model, civs, indices, validation_data, max_drop):
             "or a larger `max_drop`."
         )
     return np.concatenate(images), labels
-
-
-def _compact_accuracy(model, civs, images, labels):
-    columns = np.array([civs.class_names.index(n) for n in model.class_names])
-    predicted = np.asarray(model.predict(images, verbose=0)).argmax(-1)
-    return float(np.mean(columns[predicted] == labels))

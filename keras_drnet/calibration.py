@@ -4,18 +4,18 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_drnet.batching import image_batches
-from keras_drnet.batching import model_input_shape
-from keras_drnet.channel_flow import POOLING
-from keras_drnet.channel_flow import flat_nodes
+from keras_drnet.batching import first_batch
 from keras_drnet.channel_gate import ChannelGate
+from keras_drnet.graph import Graph
+from keras_drnet.graph.kinds import BATCHNORM
+from keras_drnet.graph.kinds import FLATTEN
 from keras_drnet.model_surgery import calls_replaced
 
 
 def batchnorm_layers(model):
     """`model`'s BatchNormalization layers (nested ones too), each once."""
     layers = {}
-    for flat in flat_nodes(model)[0]:
+    for flat in Graph(model).nodes:
         if isinstance(flat.op, keras.layers.BatchNormalization):
             layers.setdefault(id(flat.op), flat.op)
     return list(layers.values())
@@ -27,9 +27,8 @@ def affected_batchnorms(gated_model):
     Only these see other statistics once the gates are set; the others keep
     the ones they were trained with.
     """
-    nodes, _, _ = flat_nodes(gated_model)
     affected, layers = set(), {}
-    for flat in nodes:
+    for flat in Graph(gated_model).nodes:
         op = flat.op
         closed = isinstance(op, ChannelGate) and bool(
             np.any(ops.convert_to_numpy(op.gate) != 1.0)
@@ -82,7 +81,7 @@ def record_statistics(model, layers, images, max_images):
     """
     if not layers:
         return []
-    batch = _first_batch(model, images, max_images, "BatchNorm recalibration")
+    batch = first_batch(model, images, max_images, "BatchNorm recalibration")
 
     def recording_call(layer):
         original = layer.call
@@ -100,45 +99,6 @@ def record_statistics(model, layers, images, max_images):
     with calls_replaced(layers, recording_call):
         model(batch, training=False)
     return [layer.name for layer in layers]
-
-
-def _first_batch(model, images, max_images, purpose):
-    """Up to `max_images` of `images` as one numpy batch; never empty."""
-    input_shape, dtype = model_input_shape(model)
-    batch = next(image_batches(images, max_images, input_shape, dtype), None)
-    if batch is None or len(batch) == 0:
-        raise ValueError(
-            f"`images` is empty: {purpose} needs images of the sub-task's "
-            "classes."
-        )
-    finite = np.isfinite(batch.reshape(len(batch), -1)).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite).tolist()
-        raise ValueError(
-            f"{purpose} would average NaN or inf into every statistic: "
-            f"images {bad[:10]}{' ...' if len(bad) > 10 else ''} of the "
-            f"{len(batch)} taken have non-finite values. Remove them first."
-        )
-    return batch
-
-
-# A constant channel stays the same constant through these.
-_KEEP_CONSTANT = (
-    *POOLING,
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout1D,
-    keras.layers.SpatialDropout2D,
-    keras.layers.SpatialDropout3D,
-    keras.layers.Identity,
-)
-_CONSUMERS = (
-    keras.layers.Conv1D,
-    keras.layers.Conv2D,
-    keras.layers.Conv3D,
-    keras.layers.Dense,
-    keras.layers.DepthwiseConv1D,
-    keras.layers.DepthwiseConv2D,
-)
 
 
 def fill_closed_channels(gated_model, images, max_images=1024):
@@ -175,19 +135,15 @@ def fill_closed_channels(gated_model, images, max_images=1024):
     small = keras_drnet.compact(sub)  # the same outputs
     ```
     """
-    nodes, _, _ = flat_nodes(gated_model)
-    readers = {}
-    for flat in nodes:
-        for key in flat.inputs:
-            readers.setdefault(key, []).append(flat)
+    graph = Graph(gated_model)
     plans = []
-    for flat in nodes:
+    for flat in graph.nodes:
         if not isinstance(flat.op, ChannelGate):
             continue
         mask = ops.convert_to_numpy(flat.op.gate)
         closed = mask == 0
         if closed.any():
-            folds = _folds(readers, flat.outputs[0], len(mask))
+            folds = _folds(graph.readers, flat.outputs[0], len(mask))
             if folds is not None:
                 plans.append((flat.op, closed, folds))
     if not plans:
@@ -196,8 +152,9 @@ def fill_closed_channels(gated_model, images, max_images=1024):
                           images, max_images)
     for (gate, closed, folds), mean in zip(plans, means):
         constant = np.where(closed, mean, 0.0)
-        for consumer, repeat, batchnorm in folds:
-            shift = _shift(consumer, np.tile(constant, repeat))
+        for flat, repeat, batchnorm in folds:
+            shift = flat.kind.constant_shift(flat, np.tile(constant, repeat))
+            consumer = flat.op
             if getattr(consumer, "use_bias", False):
                 consumer.bias.assign(
                     ops.convert_to_numpy(consumer.bias) + shift)
@@ -208,50 +165,35 @@ def fill_closed_channels(gated_model, images, max_images=1024):
 
 
 def _folds(readers, key, channels):
-    """`[(consumer, repeat, batchnorm or None)]` for a gate's output, or
+    """`[(consumer call, repeat, batchnorm or None)]` for a gate's output, or
     None if some path reaches a layer the constant cannot be folded into."""
     folds, frontier = [], [(key, 1)]
     while frontier:
         key, repeat = frontier.pop()
         for flat in readers.get(key, []):
-            op = flat.op
-            if isinstance(op, _KEEP_CONSTANT):
+            op, kind = flat.op, flat.kind
+            if kind.keeps_constant:
                 frontier.append((flat.outputs[0], repeat))
-            elif isinstance(op, keras.layers.Flatten):
+            elif kind is FLATTEN and FLATTEN.tiled(flat):
                 size = int(np.prod(flat.node.output_tensors[0].shape[1:]))
                 frontier.append((flat.outputs[0], repeat * size // channels))
-            elif isinstance(op, _CONSUMERS):
+            elif kind.linear:
                 batchnorm = None
                 if not op.use_bias:
                     after = readers.get(flat.outputs[0], [])
-                    if len(after) != 1 or not isinstance(
-                        after[0].op, keras.layers.BatchNormalization
-                    ):
+                    if len(after) != 1 or after[0].kind is not BATCHNORM:
                         return None
                     batchnorm = after[0].op
-                folds.append((op, repeat, batchnorm))
+                folds.append((flat, repeat, batchnorm))
             else:
                 return None
     return folds
 
 
-def _shift(consumer, constant):
-    """What a constant input (one value per input channel) adds to every
-    output channel of `consumer` away from borders."""
-    kernel = ops.convert_to_numpy(consumer.kernel).astype("float64")
-    # [in, out] (or [in, multiplier]): the kernel summed over its positions.
-    summed = kernel.reshape(-1, *kernel.shape[-2:]).sum(axis=0)
-    if isinstance(consumer, (keras.layers.DepthwiseConv1D,
-                             keras.layers.DepthwiseConv2D)):
-        # Output channel c * multiplier + j reads input channel c only.
-        return (summed * constant[:, None]).reshape(-1)
-    return constant @ summed
-
-
 def _closed_means(gated_model, gates, images, max_images):
     """Per gate, the mean of its input per channel over `images`, in a
     pass where each gate already replaces its closed channels by them."""
-    batch = _first_batch(gated_model, images, max_images,
+    batch = first_batch(gated_model, images, max_images,
                          "Filling closed channels")
     means = {}
 

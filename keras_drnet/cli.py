@@ -278,7 +278,7 @@ def subtask():
     import numpy as np
 
     import keras_drnet as kd
-    from keras_drnet.budget_search import _compact_accuracy
+    from keras_drnet.reporting import compact_accuracy
 
     model, civs = _model(), _civs()
     chosen = [FLAGS.budget, FLAGS.threshold, FLAGS.max_drop]
@@ -324,8 +324,9 @@ def subtask():
         if FLAGS.finetune_epochs or FLAGS.repair:
             batches = sub.live_elements(validation).batch(1024)
             images, labels = zip(*batches.as_numpy_iterator())
-            accuracy = _compact_accuracy(small, civs, np.concatenate(images),
-                                         np.concatenate(labels))
+            accuracy = compact_accuracy(small, civs.class_names,
+                                        np.concatenate(images),
+                                        np.concatenate(labels))
             what = "fine-tuned" if FLAGS.finetune_epochs else "repaired"
             report[f"{what.replace('-', '')}_accuracy"] = accuracy
             print(f"  {what} compact model:{' ' * (20 - len(what))}"

@@ -1,199 +1,27 @@
 """Compaction: a sub-task as a physically smaller plain Keras model."""
 
-import collections
-
 import keras
 import numpy as np
 
-from keras_drnet.channel_flow import ChannelFlow
-from keras_drnet.channel_flow import expand_flat
-from keras_drnet.channel_flow import kind
-from keras_drnet.channel_flow import layer_costs
-from keras_drnet.channel_flow import reduce_flat
-from keras_drnet.channel_flow import zero_response
 from keras_drnet.channel_gate import ChannelGate
+from keras_drnet.graph.flow import layer_costs
+from keras_drnet.graph.kinds import zero_response
+from keras_drnet.graph.plan import ChannelPlan
 from keras_drnet.model_surgery import as_functional
 from keras_drnet.subtask import SubtaskModel
 
 
-class _Groups:
-    """Union-find over tensors that must keep the same channels."""
-
-    def __init__(self):
-        self.parent = {}
-
-    def find(self, key):
-        self.parent.setdefault(key, key)
-        while self.parent[key] != key:
-            self.parent[key] = self.parent[self.parent[key]]
-            key = self.parent[key]
-        return key
-
-    def union(self, *keys):
-        roots = [self.find(k) for k in keys]
-        for root in roots[1:]:
-            self.parent[root] = roots[0]
-
-
-def _kept_channels(flow, final, class_mask):
-    """Channels to keep per tensor key, consistent across coupled tensors."""
-    groups = _Groups()
-    by_layer = collections.defaultdict(list)
-    for flat in flow.nodes:
-        node_kind = kind(flat)
-        keys = flat.inputs + flat.outputs
-        if node_kind in ("gate", "channelwise", "merge_any", "merge_all"):
-            groups.union(*keys)
-        elif node_kind == "depthwise" and flat.op.depth_multiplier == 1:
-            groups.union(*keys)
-        if isinstance(flat.op, keras.Layer):
-            by_layer[id(flat.op)].append(flat)
-    # A layer called at several places gets one set of sliced weights.
-    for flats in by_layer.values():
-        if len(flats) > 1:
-            for position in range(len(flats[0].inputs)):
-                groups.union(*(f.inputs[position] for f in flats))
-            groups.union(*(f.outputs[0] for f in flats))
-
-    keep = {}
-    for key, live in flow.live.items():
-        root = groups.find(key)
-        wanted = live & flow.need.get(key, np.zeros_like(live))
-        keep[root] = keep.get(root, np.zeros_like(live)) | wanted
-
-    def full(key):
-        keep[groups.find(key)][:] = True
-
-    for key in flow.input_keys:
-        full(key)
-    for flat in flow.nodes:
-        node_kind = kind(flat)
-        if node_kind == "other":
-            for key in flat.inputs + flat.outputs:
-                full(key)
-    keep[groups.find(final.outputs[0])] = np.asarray(class_mask, bool).copy()
-
-    # Concatenate, Flatten and depth multipliers tie index sets together:
-    # propagate until they agree (bits are only ever set, so this ends). No
-    # tensor may end with zero channels: it keeps its first (a zero or unread
-    # channel, so outputs do not change), which must propagate as well.
-    changed = True
-    while changed:
-        changed = False
-        for array in keep.values():
-            if not array.any():
-                array[0] = True
-                changed = True
-        for flat in flow.nodes:
-            node_kind = kind(flat)
-            if node_kind not in ("concat", "flatten", "depthwise"):
-                continue
-            ins = [keep[groups.find(k)] for k in flat.inputs]
-            out = keep[groups.find(flat.outputs[0])]
-            if node_kind == "concat":
-                derived = np.concatenate(ins)
-                back = np.split(
-                    out | derived, np.cumsum([i.size for i in ins])[:-1]
-                )
-            elif node_kind == "flatten":
-                derived = expand_flat(flat, ins[0], out.size)
-                back = [reduce_flat(flat, out | derived, ins[0].size)]
-            else:
-                m = flat.op.depth_multiplier
-                derived = np.repeat(ins[0], m)
-                back = [(out | derived).reshape(-1, m).any(axis=1)]
-            if (derived & ~out).any():
-                out |= derived
-                changed = True
-            for array, value in zip(ins, back):
-                if (value & ~array).any():
-                    array |= value
-                    changed = True
-    return {key: np.flatnonzero(keep[groups.find(key)]) for key in flow.live}
-
-
-def _classifier_keys(flow):
-    """Tensors from the last Dense/Conv to the output, if it maps 1:1.
-
-    The classifier's rows can then be taken in the sub-task's class order;
-    a 1x1 Conv followed by Flatten (MobileNet) counts as a Dense.
-    """
-    keys = [flow.output_keys[0]]
-    while keys[-1] in flow.producers:
-        flat = flow.producers[keys[-1]]
-        node_kind = kind(flat)
-        if node_kind == "dense":
-            return keys
-        one_to_one = node_kind in ("channelwise", "gate") or (
-            node_kind == "flatten"
-            and flow.live[flat.inputs[0]].size == flow.live[keys[-1]].size
-        )
-        if not one_to_one:
-            return []
-        keys.append(flat.inputs[0])
-    return []
-
-
 def _sliced_layer(flat, kept_in, kept_out, name):
     """A new layer computing only `kept_out` from the `kept_in` channels."""
-    op = flat.op
-    node_kind = kind(flat)
-    config = op.get_config()
+    config = flat.op.get_config()
     config["name"] = name
-    weights = op.get_weights()
-    if node_kind == "dense":
-        key = "units" if isinstance(op, keras.layers.Dense) else "filters"
-        config[key] = len(kept_out)
-        kernel = weights[0][..., kept_in, :][..., kept_out]
-        weights = [kernel] + [w[kept_out] for w in weights[1:]]
-    elif node_kind == "depthwise":
-        weights = [weights[0][..., kept_in, :]] + [
-            w[kept_out] for w in weights[1:]
-        ]
-    elif node_kind == "separable":
-        m = op.depth_multiplier
-        config["filters"] = len(kept_out)
-        middle = (kept_in[:, None] * m + np.arange(m)).ravel()
-        weights = [
-            weights[0][..., kept_in, :],
-            weights[1][..., middle, :][..., kept_out],
-        ] + [w[kept_out] for w in weights[2:]]
-    elif node_kind == "channelwise":
-        weights = [w[kept_out] for w in weights]
-    elif node_kind == "flatten" and isinstance(op, keras.layers.Reshape):
-        config["target_shape"] = (len(kept_out),)
-    layer = op.__class__.from_config(config)
-    return layer, weights
+    config, weights = flat.kind.slice(
+        flat, config, flat.op.get_weights(), kept_in, kept_out
+    )
+    return flat.op.__class__.from_config(config), weights
 
 
-def _zero_output_channels(flat, weights, positions):
-    """Zeroes output channels in a layer's sliced weights; False if its
-    outputs there would not become exactly 0."""
-    op, node_kind = flat.op, kind(flat)
-    if isinstance(op, keras.layers.BatchNormalization):
-        if not (op.scale and op.center):
-            return False
-        weights[0][positions] = weights[1][positions] = 0
-        return True
-    if node_kind not in ("dense", "depthwise", "separable") or (
-        getattr(op, "depth_multiplier", 1) != 1
-    ):
-        return False
-    activation = getattr(op, "activation", None)
-    if activation is not None:
-        at_zero = keras.ops.convert_to_numpy(activation(keras.ops.zeros(1)))
-        if at_zero[0] != 0:
-            return False
-    if node_kind == "depthwise":
-        weights[0][..., positions, :] = 0
-    else:
-        weights[1 if node_kind == "separable" else 0][..., positions] = 0
-    if getattr(op, "use_bias", False):
-        weights[-1][positions] = 0
-    return True
-
-
-def _fold_mask(flow, gate_flat, closed, layers, kept, calls):
+def _fold_mask(graph, gate_flat, closed, layers, kept):
     """Folds a gate's remaining 0 entries into the weights upstream of it.
 
     Walks back from the gate through ops that map 0 to 0 on the closed
@@ -203,16 +31,13 @@ def _fold_mask(flow, gate_flat, closed, layers, kept, calls):
     where that is not possible, e.g. after a residual Add.
     """
     key = gate_flat.inputs[0]
-    while key in flow.producers and flow.readers[key] == 1:
-        flat = flow.producers[key]
-        op = flat.op
-        if calls[id(op)] != 1:
+    while key in graph.producers and graph.reads[key] == 1:
+        flat = graph.producers[key]
+        if graph.calls[id(flat.op)] != 1:
             return False
-        if isinstance(op, keras.layers.BatchNormalization) or kind(flat) in (
-            "dense", "depthwise", "separable"
-        ):
-            return _zero_output_channels(flat, layers[id(op)][1], closed)
-        if kind(flat) != "channelwise" or zero_response(flat)[
+        if flat.kind.sets_channels:
+            return flat.kind.zero_outputs(flat, layers[id(flat.op)][1], closed)
+        if not flat.kind.carries_zero or zero_response(flat)[
             kept[key][closed]
         ].any():
             return False
@@ -221,42 +46,27 @@ def _fold_mask(flow, gate_flat, closed, layers, kept, calls):
 
 
 def _plan(sub):
-    """`(flow, kept channels per tensor key, output classes in order)`."""
+    """The sub-task's `ChannelPlan`."""
     if not isinstance(sub, SubtaskModel):
         raise TypeError(
             "`compact` takes the `SubtaskModel` from `keras_drnet.subtask("
             "model, civs, classes, ...)`, which says which channels and "
             f"classes to keep. Received: {type(sub).__name__}"
         )
-    classes = list(sub.cciv.classes)
-    # Logits of the classes outside the sub-task are never read.
-    class_mask = np.zeros(sub.civs.num_classes, bool)
-    class_mask[classes] = True
-    flow = ChannelFlow(sub._logits_model, class_mask)
-    kept = _kept_channels(flow, flow.nodes[-1], class_mask)
-    head = _classifier_keys(flow)
-    if head:
-        for key in head:
-            kept[key] = np.asarray(classes)
-    else:
-        classes = sorted(classes)
-    return flow, kept, classes
+    return ChannelPlan(sub._logits_model, sub.cciv.classes)
 
 
 def subtask_costs(sub):
     """Per-layer `LayerCost`s of a sub-task, from one channel analysis.
 
     Returns `(running, compact)`: in `running` the `running_*` fields are
-    what the masked sub-task runs (see `channel_flow.running_costs`); in
+    what the masked sub-task runs (see `keras_drnet.graph.running_costs`); in
     `compact` they are what `compact(sub)` has, without building it.
     """
-    flow, kept, _ = _plan(sub)
-    masks = {}
-    for key, live in flow.live.items():
-        masks[key] = np.zeros(live.size, bool)
-        masks[key][kept[key]] = True
-    running = layer_costs(flow, flow.live, flow.need)
-    return running, layer_costs(flow, masks, masks)
+    plan = _plan(sub)
+    masks = plan.masks()
+    running = layer_costs(plan.graph, plan.flow.live, plan.flow.need)
+    return running, layer_costs(plan.graph, masks, masks)
 
 
 def compact(sub, include_softmax=True):
@@ -316,16 +126,16 @@ def build_compact(sub, include_softmax=True):
     channels, kept output channels)`; two copies of one network list the
     same layers (`keras_drnet.repair` refits those weights).
     """
-    flow, kept, classes = _plan(sub)
+    plan = _plan(sub)
+    graph, kept = plan.graph, plan.kept
     functional = as_functional(sub._logits_model)
     tensors = {}
-    for key, tensor in zip(flow.input_keys, functional.inputs):
+    for key, tensor in zip(graph.input_keys, functional.inputs):
         tensors[key] = keras.Input(
             shape=tensor.shape[1:], dtype=tensor.dtype, name=tensor.name
         )
-    inputs = [tensors[key] for key in flow.input_keys]
+    inputs = [tensors[key] for key in graph.input_keys]
     layers, names, sliced = {}, set(), []
-    calls = collections.Counter(id(f.op) for f in flow.nodes)
 
     def unique(name):
         base, k = name, 1
@@ -334,7 +144,7 @@ def build_compact(sub, include_softmax=True):
         names.add(name)
         return name
 
-    for flat in flow.nodes:
+    for flat in graph.nodes:
         op = flat.op
         node_tensors = {
             id(t): tensors[key]
@@ -348,8 +158,8 @@ def build_compact(sub, include_softmax=True):
                 mask = keras.ops.convert_to_numpy(op.gate)[kept_out]
                 closed = np.flatnonzero(mask == 0)
                 if not closed.size or (
-                    calls[id(op)] == 1
-                    and _fold_mask(flow, flat, closed, layers, kept, calls)
+                    graph.calls[id(op)] == 1
+                    and _fold_mask(graph, flat, closed, layers, kept)
                 ):
                     tensors[flat.outputs[0]] = args[0]
                     continue
@@ -376,8 +186,8 @@ def build_compact(sub, include_softmax=True):
         outputs = layer(*args, **kwargs)
         for key, value in zip(flat.outputs, keras.tree.flatten(outputs)):
             tensors[key] = value
-    outputs = tensors[flow.output_keys[0]]
-    names_out = [sub.civs.class_names[i] for i in classes]
+    outputs = tensors[graph.output_keys[0]]
+    names_out = [sub.civs.class_names[i] for i in plan.classes]
     if include_softmax:
         outputs = keras.layers.Softmax(
             name="class_probabilities", dtype="float32"

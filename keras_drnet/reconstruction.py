@@ -178,7 +178,7 @@ def combine(
     if budget is not None:
         mask = np.zeros(scores.size, "float32")
         per_gate = budget_scope == "gate" or len(fractions) > 1
-        spans = _gate_spans(civs.layout) if per_gate else [(0, scores.size)]
+        spans = gate_spans(civs.layout) if per_gate else [(0, scores.size)]
         if len(fractions) == 1:
             fractions = fractions * len(spans)
         for (start, stop), fraction in zip(spans, fractions):
@@ -192,7 +192,7 @@ def combine(
         if method == "union":
             _warn_if_resets_open_everything(civs, indices, threshold)
     if empty_gates == "keep_best":
-        for start, stop in _gate_spans(civs.layout):
+        for start, stop in gate_spans(civs.layout):
             if not mask[start:stop].any():
                 mask[start + int(np.argmax(scores[start:stop]))] = 1.0
     return CCIV(
@@ -245,6 +245,6 @@ def _warn_if_resets_open_everything(civs, indices, threshold):
             )
 
 
-def _gate_spans(layout):
+def gate_spans(layout):
     stops = np.cumsum([entry.channels for entry in layout])
     return list(zip(stops - [entry.channels for entry in layout], stops))

@@ -16,9 +16,9 @@ import tensorflow as tf
 
 import keras
 
+from keras_drnet.batching import first_batch
 from keras_drnet.batching import is_int
 from keras_drnet.batching import is_number
-from keras_drnet.calibration import _first_batch
 from keras_drnet.compaction import build_compact
 from keras_drnet.subtask import SubtaskModel
 
@@ -97,7 +97,7 @@ def repair(
         raise ValueError(
             f"`ridge` must be a finite number >= 0. Received: ridge={ridge!r}"
         )
-    batch = _first_batch(
+    batch = first_batch(
         sub.gated_model, sub.subtask_images(images), max_images, "`repair`"
     )
     masked = _twin(sub, open_gates=False)

@@ -8,10 +8,9 @@ import tensorflow as tf
 from keras import ops
 
 from keras_drnet.batching import model_input_shape
-from keras_drnet.channel_flow import data_formats
-from keras_drnet.channel_flow import flat_nodes
 from keras_drnet.channel_gate import per_sample_gates
 from keras_drnet.compaction import subtask_costs
+from keras_drnet.graph import Graph
 
 
 @dataclasses.dataclass
@@ -32,7 +31,7 @@ class SubtaskReport:
             really has: at least the running figures, more where residual
             adds or concatenations tie a closed channel to a kept one.
         gates: per gate, `(name, total channels, kept channels)`.
-        layers: per layer, `keras_drnet.channel_flow.LayerCost`.
+        layers: per layer, `keras_drnet.graph.LayerCost`.
     """
 
     classes: list
@@ -122,7 +121,7 @@ def _predictions(sub, dtype):
     ones = [ops.ones((1, gate.channels)) for gate in full_gates]
 
     # TensorFlow runs NCHW convolutions on CPU only when compiled with XLA.
-    channels_first = True in data_formats(flat_nodes(full_logits)[0])
+    channels_first = Graph(full_logits).channels_first
 
     @tf.function(jit_compile=channels_first or None)
     def predict(images):
@@ -146,7 +145,7 @@ def evaluate_subtask(sub, ds, batch_size=256):
     sub-task's channels. Running parameters and FLOPs count a weight of a
     Conv/Dense/Depthwise/Separable layer only if the input channel it reads
     can be non-zero and the output channel it writes is read downstream (see
-    `keras_drnet.channel_flow`), so the classifier's rows for classes outside
+    `keras_drnet.graph`), so the classifier's rows for classes outside
     the sub-task do not run; a BatchNormalization channel runs if it is read
     downstream; other layers' weights always run; gates are not counted.
     FLOPs are multiply-accumulates of the convolution and dense layers per
@@ -205,3 +204,11 @@ def evaluate_subtask(sub, ds, batch_size=256):
         ],
         layers=costs,
     )
+
+
+def compact_accuracy(model, class_names, images, labels):
+    """Top-1 accuracy of a compact model (`keras_drnet.compact`) on images
+    labelled with the original model's class indices into `class_names`."""
+    columns = np.array([class_names.index(n) for n in model.class_names])
+    predicted = np.asarray(model.predict(images, verbose=0)).argmax(-1)
+    return float(np.mean(columns[predicted] == labels))

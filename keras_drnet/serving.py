@@ -9,7 +9,7 @@ import tensorflow as tf
 from keras_drnet.channel_gate import per_sample_gates
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
-from keras_drnet.reconstruction import _gate_spans
+from keras_drnet.reconstruction import gate_spans
 from keras_drnet.reconstruction import combine
 from keras_drnet.subtask import SubtaskModel
 from keras_drnet.subtask import gated_copy
@@ -18,7 +18,7 @@ from keras_drnet.subtask import gated_copy
 def _cciv_fn(civs, threshold, budget, budget_scope, empty_gates):
     """`classes (multi-hot) -> 0/1 mask`, the in-graph `combine(union)`."""
     vectors = tf.constant(civs.vectors, tf.float32)
-    spans = _gate_spans(civs.layout)
+    spans = gate_spans(civs.layout)
     total = int(vectors.shape[1])
     per_gate = budget_scope == "gate" or isinstance(
         budget, (list, tuple, np.ndarray)

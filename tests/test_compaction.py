@@ -24,7 +24,7 @@ import tensorflow as tf
 
 import _compaction_models as cm
 import keras_drnet as kd
-from keras_drnet.channel_flow import running_costs
+from keras_drnet.graph import running_costs
 
 CLASSES = ["c7", "c2", "c4"]  # deliberately not sorted
 CLASS_IDX = [7, 2, 4]

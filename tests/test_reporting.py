@@ -1,4 +1,4 @@
-"""Tests for keras_drnet.reporting and channel_flow: the sub-task report.
+"""Tests for keras_drnet.reporting and graph.flow: the sub-task report.
 
 A small CNN (Conv -> Conv -> Flatten -> Dense -> Dense) is trained for one
 epoch on MNIST `train[:6000]`, dissected with a few images per class, and
@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from keras import layers
 
 import keras_drnet as kd
-from keras_drnet.channel_flow import running_costs
+from keras_drnet.graph import running_costs
 
 matplotlib.use("Agg")
 
@@ -273,7 +273,7 @@ def test_plot_writes_a_png_and_returns_the_figure(report, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# channel_flow on keras.applications.
+# graph.flow on keras.applications.
 # ---------------------------------------------------------------------------
 
 
