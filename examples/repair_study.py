@@ -83,7 +83,8 @@ _POSITIONS = flags.DEFINE_integer("positions", 64,
                                   "kd.repair's positions per image.")
 _RIDGE = flags.DEFINE_float("ridge", 1e-3, "kd.repair's ridge.")
 _LEARNING_RATE = flags.DEFINE_float(
-    "learning_rate", 0.01, "kd.finetune's initial learning rate.")
+    "learning_rate", None, "kd.finetune's initial learning rate (default: "
+    "kd.finetune's).")
 _TEST = flags.DEFINE_integer("test_per_class", 1000, "Test images per class.")
 _NAME = flags.DEFINE_string("name", None, "Output file name stem.")
 _OUTPUT = flags.DEFINE_string("output_dir", "examples/results",
@@ -150,7 +151,7 @@ def recovered(sub, recovery, pair, repair_images, train):
                        label_weight=0.5 if loss == "both" else 0.0,
                        augment=augment == "a",
                        learning_rate=_LEARNING_RATE.value,
-                       start=small, verbose=0)
+                       start=small if base == "repair" else None, verbose=0)
 
 
 def from_scratch(small, x, columns, epochs):

@@ -242,3 +242,28 @@ def test_augmentation_is_applied_to_the_training_batches(sub):
     kd.finetune(sub, (x, y), augment=True, verbose=0)
     with pytest.raises(TypeError, match="`augment` must be a bool"):
         kd.finetune(sub, (x, y), augment="flip", verbose=0)
+
+
+def test_from_a_repaired_start_batchnorm_statistics_stay_frozen(sub):
+    x, y = labelled()
+    cat_dog = x[np.isin(y, [0, 1])]
+    start = kd.repair(sub, cat_dog)
+    before = sm.bn_stats(start)
+    kernels = [w.copy() for w in start.get_layer("conv1").get_weights()]
+    small = kd.finetune(sub, (x, y), epochs=3, start=start, verbose=0)
+    assert small is start  # trained in place
+    after = sm.bn_stats(small)
+    for name in before:  # moving statistics, gamma and beta: untouched
+        for was, now in zip(before[name], after[name]):
+            np.testing.assert_array_equal(was, now)
+        assert small.get_layer(name).trainable  # restored afterwards
+    # The convolutions did train.
+    assert not np.array_equal(kernels[0],
+                              small.get_layer("conv1").get_weights()[0])
+    # Asked for, BatchNorm trains and is recalibrated as from compact(sub).
+    start = kd.repair(sub, cat_dog)
+    small = kd.finetune(sub, (x, y), epochs=1, start=start,
+                        freeze_batchnorm=False, verbose=0)
+    assert not np.array_equal(sm.bn_stats(small)["bn1"][2], before["bn1"][2])
+    with pytest.raises(TypeError, match="Received: freeze_batchnorm='yes'"):
+        kd.finetune(sub, (x, y), freeze_batchnorm="yes")
