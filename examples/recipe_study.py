@@ -164,7 +164,7 @@ class PairEvaluator:
         self.sub = kd.subtask(model, civs, first, budget=1.0)
         self.weights = self.sub.gated_model.get_weights()
         self.logits = tf.function(
-            lambda x: self.sub._logits_model(x, training=False))
+            lambda x: self.sub.logits_model(x, training=False))
 
     def accuracy(self, pair):
         return cifar_models.pair_accuracy(self.logits, self.test, pair)
@@ -181,7 +181,7 @@ class PairEvaluator:
         if mask == "soft":
             scores = self.sub.cciv.scores
             start = 0
-            for gate, kept in zip(self.sub._gates,
+            for gate, kept in zip(self.sub.gates,
                                   self.sub.cciv.per_gate().values()):
                 stop = start + gate.channels
                 gate.set_gate(kept * scores[start:stop])
@@ -195,7 +195,7 @@ class PairEvaluator:
     def running_params(self, pair):
         mask = np.zeros(self.sub.civs.num_classes, bool)
         mask[list(pair)] = True
-        costs = running_costs(self.sub._logits_model, mask)
+        costs = running_costs(self.sub.logits_model, mask)
         return (sum(c.running_params for c in costs)
                 / sum(c.params for c in costs))
 

@@ -59,7 +59,7 @@ class Attribution:
             )
         self.gated_model = gated_model
         self.method = method
-        self._logits_model, _ = split_softmax(gated_model)
+        self.logits_model, _ = split_softmax(gated_model)
         self._gates = gate_layers(gated_model)
 
     @property
@@ -85,7 +85,7 @@ class Attribution:
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             with calls_replaced(self._gates, recording_call):
                 logits = ops.cast(
-                    self._logits_model(images, training=False), "float32"
+                    self.logits_model(images, training=False), "float32"
                 )
             top1 = ops.argmax(logits, axis=-1)
             if labels is None:

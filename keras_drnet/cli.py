@@ -368,6 +368,11 @@ def similarity():
     print(f"Wrote {FLAGS.out} ({civs.num_classes} classes).")
 
 
+# What runs each command of `_COMMANDS`.
+_HANDLERS = {"dissect": dissect, "subtask": subtask, "report": report,
+             "similarity": similarity}
+
+
 def _main(argv):
     name = argv[1]
     if len(argv) > 2:
@@ -375,7 +380,7 @@ def _main(argv):
                          "are written --name=value.")
     _check_flags(name)
     try:
-        globals()[name]()
+        _HANDLERS[name]()
     except (ValueError, TypeError, FileNotFoundError) as error:
         if FLAGS.verbosity >= 1:
             raise

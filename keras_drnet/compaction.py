@@ -53,7 +53,7 @@ def _plan(sub):
             "model, civs, classes, ...)`, which says which channels and "
             f"classes to keep. Received: {type(sub).__name__}"
         )
-    return ChannelPlan(sub._logits_model, sub.cciv.classes)
+    return ChannelPlan(sub.logits_model, sub.cciv.classes)
 
 
 def subtask_costs(sub):
@@ -128,7 +128,7 @@ def build_compact(sub, include_softmax=True):
     """
     plan = _plan(sub)
     graph, kept = plan.graph, plan.kept
-    functional = as_functional(sub._logits_model)
+    functional = as_functional(sub.logits_model)
     tensors = {}
     for key, tensor in zip(graph.input_keys, functional.inputs):
         tensors[key] = keras.Input(

@@ -101,7 +101,7 @@ class GateFitter(keras.Model):
         )
         self.clip = (float(clip[0]), float(clip[1]))
         self.on_top1_change = on_top1_change
-        self._logits_model, _ = split_softmax(gated_model)
+        self.logits_model, _ = split_softmax(gated_model)
         self._gates = gate_layers(gated_model)
         self._sizes = [gate.channels for gate in self._gates]
         if isinstance(self.gamma, list):
@@ -122,7 +122,7 @@ class GateFitter(keras.Model):
         """Logits of the gated model with per-image gates `[batch, total]`."""
         with per_sample_gates(self._gates, tf.split(gates, self._sizes, 1)):
             return ops.cast(
-                self._logits_model(images, training=False), "float32"
+                self.logits_model(images, training=False), "float32"
             )
 
     def train_step(self, state):

@@ -133,7 +133,7 @@ def _twin(sub, open_gates):
     """A sub-task on a copy of `sub`'s network with the reference BatchNorm
     statistics and `sub`'s masks (or every gate open)."""
     twin = SubtaskModel(
-        sub._reference_copy(),
+        sub.reference_copy(),
         sub.civs,
         sub.classes,
         method=sub.method,
@@ -142,7 +142,7 @@ def _twin(sub, open_gates):
         empty_gates=sub.empty_gates,
         budget_scope=sub.budget_scope,
     )
-    for gate, own in zip(twin._gates, sub._gates):
+    for gate, own in zip(twin.gates, sub.gates):
         value = keras.ops.convert_to_numpy(own.gate)
         gate.set_gate(np.ones_like(value) if open_gates else value)
     return twin

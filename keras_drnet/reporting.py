@@ -114,7 +114,7 @@ _PREDICTIONS = weakref.WeakKeyDictionary()
 
 def _predictions(sub, dtype):
     """`images -> (top-1 of the full network, top-1 of the sub-task)`."""
-    full_logits, full_gates = sub._full_network()
+    full_logits, full_gates = sub.full_network()
     cached = _PREDICTIONS.get(sub)
     if cached is not None and cached[0] is full_logits:
         return cached[1]

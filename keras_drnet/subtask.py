@@ -122,6 +122,18 @@ class SubtaskModel(keras.Model):
         )
         self.build(gated_model.inputs[0].shape)
 
+    # Read-only views; stored under private names, which are the paths of
+    # their weights in `.keras` files saved before these existed.
+    @property
+    def logits_model(self):
+        """The gated network without its softmax (logits of all classes)."""
+        return self._logits_model
+
+    @property
+    def gates(self):
+        """The gated network's `ChannelGate` layers, in CIV order."""
+        return self._gates
+
     def build(self, input_shape):
         # Everything inside is built already (the gated model, the masks).
         self.built = True
@@ -179,7 +191,7 @@ class SubtaskModel(keras.Model):
         # Readers (`__call__`, `predict`) see all of the old masks or all
         # of the new ones, never half of each.
         with self._switch.writing():
-            for gate, mask in zip(self._gates, cciv.per_gate().values()):
+            for gate, mask in zip(self.gates, cciv.per_gate().values()):
                 gate.set_gate(mask)
             self.class_mask.assign(live)
         self.cciv = cciv
@@ -197,7 +209,7 @@ class SubtaskModel(keras.Model):
         return ops.softmax(ops.where(live, logits, float("-inf")), axis=-1)
 
     def call(self, inputs, training=False):
-        return self.masked_softmax(self._logits_model(inputs, training=False))
+        return self.masked_softmax(self.logits_model(inputs, training=False))
 
     def __call__(self, *args, **kwargs):
         with self._switch.reading():
@@ -233,7 +245,7 @@ class SubtaskModel(keras.Model):
         self.calibrated_for = list(self.cciv.classes)
         return names
 
-    def _full_network(self):
+    def full_network(self):
         """The paper's full net, as a logits model and its gates to open.
 
         This sub-task's own network unless its BatchNorm statistics were
@@ -242,20 +254,20 @@ class SubtaskModel(keras.Model):
         reference = ops.convert_to_numpy(self.reference_statistics)
         current = _statistics(self._batchnorms)
         if not current or np.array_equal(np.concatenate(current), reference):
-            return self._logits_model, self._gates
-        copy = self._reference_copy()
+            return self.logits_model, self.gates
+        copy = self.reference_copy()
         return split_softmax(copy)[0], [s.layer for s in list_gates(copy)]
 
     def full_logits_model(self):
         """A copy of the full network as a logits model: every channel on,
         the BatchNorm statistics the sub-task was built with (the teacher of
         `keras_drnet.finetune(..., distill=True)`)."""
-        copy = self._reference_copy()
+        copy = self.reference_copy()
         for spec in list_gates(copy):
             spec.layer.set_gate(np.ones(spec.layer.channels, "float32"))
         return split_softmax(copy)[0]
 
-    def _reference_copy(self):
+    def reference_copy(self):
         """A copy of the gated model with the reference statistics."""
         copy = copy_model(self.gated_model)
         variables = _statistic_variables(batchnorm_layers(copy))

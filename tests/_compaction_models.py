@@ -1,7 +1,7 @@
 """Helpers for test_compaction.py: models, hand-made CIVs, references.
 
 The references are what `compact()` must reproduce: the sub-task's own
-masked softmax `sub(x)` and its gated logits model `sub._logits_model(x)`,
+masked softmax `sub(x)` and its gated logits model `sub.logits_model(x)`,
 both restricted to the sub-task's classes in the order the user gave.
 """
 
@@ -265,7 +265,7 @@ def amplify_head(sub, x, target=5.0):
 
     Only the sub-task's own gated copy changes; returns the factor.
     """
-    head = sub._logits_model.layers[-1]
+    head = sub.logits_model.layers[-1]
     assert isinstance(head, layers.Dense), head
     logits = sub_logits(sub, x)
     scale = float(np.abs(logits).max())
@@ -287,7 +287,7 @@ def to_numpy(value):
 
 def sub_logits(sub, x):
     """The sub-task's gated logits, its classes' columns in the given order."""
-    out = to_numpy(sub._logits_model(x, training=False))
+    out = to_numpy(sub.logits_model(x, training=False))
     return out[:, list(sub.cciv.classes)]
 
 

@@ -101,7 +101,7 @@ def test_calibrated_mobilenet_compacts_to_equal_outputs():
                      calibrate=images)
     assert sub.calibrated_for == [1, 0]
     small = kd.compact(sub, include_softmax=False)
-    logits = keras.ops.convert_to_numpy(sub._logits_model(images))[:, [1, 0]]
+    logits = keras.ops.convert_to_numpy(sub.logits_model(images))[:, [1, 0]]
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(small(images)), logits,
         atol=1e-4 * max(1.0, np.abs(logits).max()),
@@ -176,7 +176,7 @@ def test_full_net_accuracy_stays_the_original_models_after_calibration(
     assert before.full_net_accuracy == 1.0
     sub.calibrate(x)
     # The test can fail: the recalibrated full network predicts otherwise.
-    for gate in sub._gates:
+    for gate in sub.gates:
         gate.set_gate(np.ones(gate.channels))
     recalibrated = sub.gated_model.predict(x, verbose=0)[:, :2].argmax(-1)
     assert np.mean(recalibrated == labels) < 0.9
@@ -219,10 +219,10 @@ def test_filled_channels_read_as_their_mean():
     sub = kd.subtask(model, sm.hand_civs(model, np.random.default_rng(3)),
                      ["cat", "dog"], budget=0.5)
     masks = sm.source_masks(sub)
-    zero_filled = sub._logits_model.predict(x, verbose=0)
+    zero_filled = sub.logits_model.predict(x, verbose=0)
     assert kd.fill_closed_channels(sub.gated_model, x) == [
         "conv1_gate", "conv2_gate", "fc1_gate"]
-    filled = sub._logits_model.predict(x, verbose=0)
+    filled = sub.logits_model.predict(x, verbose=0)
     want = _filled_reference_logits(model, x, masks)
     np.testing.assert_allclose(filled, want, rtol=1e-4, atol=1e-5)
     assert np.abs(filled - zero_filled).max() > 1e-3  # it did something

@@ -2,7 +2,7 @@
 
 `kd.compact(sub)` must compute exactly the sub-task's masked softmax
 restricted to its classes (`sub(x)[:, classes]`), and without the softmax
-its gated logits (`sub._logits_model(x)[:, classes]`), with the channels the
+its gated logits (`sub.logits_model(x)[:, classes]`), with the channels the
 CCIV switches off physically removed. References are the `SubtaskModel`
 itself; CCIVs are random (hand-made CIVs at several keep ratios) or come
 from real dissections (a small VGG-style CNN trained on CIFAR-10, and quick
@@ -295,7 +295,7 @@ def test_classifier_has_the_classes_in_the_given_order(zoo, x32):
     small = kd.compact(sub, include_softmax=False)
     head = small.get_layer("head")
     assert head.units == 2
-    logits = cm.to_numpy(sub._logits_model(x32))
+    logits = cm.to_numpy(sub.logits_model(x32))
     got = cm.to_numpy(small(x32))
     cm.assert_logits_close(got[:, 0], logits[:, 7])
     cm.assert_logits_close(got[:, 1], logits[:, 2])
