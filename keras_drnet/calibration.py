@@ -15,7 +15,7 @@ from keras_drnet.model_surgery import calls_replaced
 def batchnorm_layers(model):
     """`model`'s BatchNormalization layers (nested ones too), each once."""
     layers = {}
-    for flat in Graph(model).nodes:
+    for flat in Graph(model, kinds=False).nodes:
         if isinstance(flat.op, keras.layers.BatchNormalization):
             layers.setdefault(id(flat.op), flat.op)
     return list(layers.values())
@@ -28,7 +28,7 @@ def affected_batchnorms(gated_model):
     the ones they were trained with.
     """
     affected, layers = set(), {}
-    for flat in Graph(gated_model).nodes:
+    for flat in Graph(gated_model, kinds=False).nodes:
         op = flat.op
         closed = isinstance(op, ChannelGate) and bool(
             np.any(ops.convert_to_numpy(op.gate) != 1.0)

@@ -7,6 +7,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_drnet.saved_model import write_saved_model
+
 FORMATS = ("keras", "tf_saved_model", "litert", "onnx")
 # A member of the `.keras` zip, and of the zip appended to a `.tflite` file
 # (TFLite's layout for associated files such as a labels file).
@@ -81,18 +83,12 @@ def export(model, filepath, format="tf_saved_model", class_names=None,
             archive.writestr(LABELS_FILE, text)
     elif format == "tf_saved_model":
         spec = model.inputs[0]
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        archive.add_endpoint(
-            "serve",
-            lambda images: model(images, training=False),
-            input_signature=[tf.TensorSpec(spec.shape, spec.dtype)],
+        serve = lambda images: model(images, training=False)
+        write_saved_model(
+            filepath, [model],
+            {"serve": (serve, [tf.TensorSpec(spec.shape, spec.dtype)])},
+            {"class_names": names}, verbose,
         )
-        constant = tf.constant(names)
-        archive.add_endpoint(
-            "class_names", lambda: constant, input_signature=[]
-        )
-        archive.write_out(filepath, verbose=verbose)
     else:
         # Keras's ONNX and LiteRT exporters want a model that has run once.
         spec = model.inputs[0]

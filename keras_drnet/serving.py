@@ -9,8 +9,9 @@ import tensorflow as tf
 from keras_drnet.channel_gate import per_sample_gates
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
-from keras_drnet.reconstruction import gate_spans
 from keras_drnet.reconstruction import combine
+from keras_drnet.reconstruction import gate_spans
+from keras_drnet.saved_model import write_saved_model
 from keras_drnet.subtask import SubtaskModel
 from keras_drnet.subtask import gated_copy
 
@@ -161,12 +162,8 @@ def export_dynamic(
         serve.get_concrete_function(
             image_spec, tf.TensorSpec([num_classes], dtype)
         )
-    archive = keras.export.ExportArchive()
-    archive.track(gated_model)
-    archive.add_endpoint("serve", serve)
+    endpoints = {"serve": (serve, None)}
     names = list(subtasks)
-    for sub in subtasks.values():
-        archive.track(sub)
     if subtasks:
         known = tf.constant(names)
 
@@ -181,16 +178,13 @@ def export_dynamic(
                 [lambda sub=sub: sub(images) for sub in subtasks.values()],
             )
 
-        archive.add_endpoint(
-            "serve_named",
-            serve_named,
-            input_signature=[image_spec, tf.TensorSpec([], tf.string)],
+        endpoints["serve_named"] = (
+            serve_named, [image_spec, tf.TensorSpec([], tf.string)]
         )
-    class_names = tf.constant(list(civs.class_names))
-    subtask_names = tf.constant(names, tf.string)
-    archive.add_endpoint("class_names", lambda: class_names,
-                         input_signature=[])
-    archive.add_endpoint("subtask_names", lambda: subtask_names,
-                         input_signature=[])
-    archive.write_out(filepath, verbose=verbose)
+    write_saved_model(
+        filepath, [gated_model, *subtasks.values()], endpoints,
+        {"class_names": list(civs.class_names),
+         "subtask_names": tf.constant(names, tf.string)},
+        verbose,
+    )
     return filepath

@@ -22,6 +22,7 @@ from keras_drnet.model_surgery import copy_model
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
 from keras_drnet.reconstruction import combine
+from keras_drnet.saved_model import write_saved_model
 
 
 @keras.saving.register_keras_serializable(package="keras_drnet")
@@ -309,18 +310,13 @@ class SubtaskModel(keras.Model):
         the columns mean.
         """
         spec = self.gated_model.inputs[0]
-        archive = keras.export.ExportArchive()
-        archive.track(self)
-        archive.add_endpoint(
-            "serve",
-            self.call,
-            input_signature=[tf.TensorSpec(spec.shape, spec.dtype)],
+        write_saved_model(
+            filepath, [self],
+            {"serve": (self.call, [tf.TensorSpec(spec.shape, spec.dtype)])},
+            {"class_names": self.class_names,
+             "live_classes": tf.constant(list(self.cciv.classes), "int32")},
+            verbose,
         )
-        names = tf.constant(self.class_names)
-        live = tf.constant(list(self.cciv.classes), dtype="int32")
-        archive.add_endpoint("class_names", lambda: names, input_signature=[])
-        archive.add_endpoint("live_classes", lambda: live, input_signature=[])
-        archive.write_out(filepath, verbose=verbose)
 
     def get_config(self):
         config = super().get_config()

@@ -38,6 +38,9 @@ class Graph:
 
     Args:
         model: a functional or Sequential model (gated or not).
+        kinds: bool. Also find the channel axis and each call's kind (a
+            model mixing data formats is refused); `False` for the calls
+            and their tensors alone.
 
     Attributes:
         nodes: list of `FlatNode`.
@@ -49,24 +52,11 @@ class Graph:
             is 1 (else the last).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, kinds=True):
         self.model = model
         functional = as_functional(model)
         self.input_keys = [((), id(t)) for t in functional.inputs]
         self.nodes, self.output_keys = _expand(functional, self.input_keys, ())
-        formats = data_formats(self.nodes)
-        if len(formats) > 1:
-            raise ValueError(
-                f"Model '{model.name}' mixes channels_first layers (e.g. "
-                f"'{formats[True]}') with channels_last ones (e.g. "
-                f"'{formats[False]}'), so its channel axis is ambiguous. "
-                "Build every layer with the same `data_format` (or "
-                "`keras.config.set_image_data_format`)."
-            )
-        self.channels_first = formats.get(True, False)
-        for flat in self.nodes:
-            flat.channels_first = self.channels_first
-            flat.kind = kind_of(flat)
         self.producers = {k: f for f in self.nodes for k in f.outputs}
         self.readers = collections.defaultdict(list)
         for flat in self.nodes:
@@ -77,6 +67,24 @@ class Graph:
         )
         self.reads.update(self.output_keys)
         self.calls = collections.Counter(id(f.op) for f in self.nodes)
+        self.channels_first = None
+        if kinds:
+            self._find_kinds()
+
+    def _find_kinds(self):
+        formats = data_formats(self.nodes)
+        if len(formats) > 1:
+            raise ValueError(
+                f"Model '{self.model.name}' mixes channels_first layers (e.g. "
+                f"'{formats[True]}') with channels_last ones (e.g. "
+                f"'{formats[False]}'), so its channel axis is ambiguous. "
+                "Build every layer with the same `data_format` (or "
+                "`keras.config.set_image_data_format`)."
+            )
+        self.channels_first = formats.get(True, False)
+        for flat in self.nodes:
+            flat.channels_first = self.channels_first
+            flat.kind = kind_of(flat)
 
 
 def data_formats(nodes):
