@@ -3,7 +3,6 @@
 import os
 import zipfile
 
-import keras
 import numpy as np
 import tensorflow as tf
 

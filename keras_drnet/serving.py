@@ -2,7 +2,6 @@
 
 import warnings
 
-import keras
 import numpy as np
 import tensorflow as tf
 

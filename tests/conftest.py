@@ -18,12 +18,3 @@ def _seed_everything():
 def rng():
     return np.random.default_rng(0)
 
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
-    # `--dist loadgroup` (pytest.ini): a file's tests share a worker and its
-    # module fixtures, except the examples' subprocess runs, which have no
-    # shared fixture and are the longest tests: they spread over workers.
-    for item in items:
-        if item.path.name != "test_examples.py":
-            item.add_marker(pytest.mark.xdist_group(item.path.name))

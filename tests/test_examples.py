@@ -92,59 +92,6 @@ def test_paper_cifar_quick_mode_writes_tables_and_plots(tmp_path):
     assert len(rows) == 3  # header + the 2 pairs of quick mode
 
 
-@pytest.mark.slow
-def test_recipe_study_quick_mode_writes_the_frontier(tmp_path):
-    _run_example("recipe_study.py", f"--output_dir={tmp_path}",
-                 "--recipes=keep_best + BN,taylor + BN,L1-norm + BN",
-                 "--finetune_budgets=0.11")
-    tag = "vgg16_w0.5_quick"
-    text = (tmp_path / f"{tag}_recipes.md").read_text()
-    for recipe in ("keep_best + BN", "taylor + BN", "L1-norm + BN"):
-        assert f"| {recipe} | 0.15 |" in text
-    assert "## Lossless points" in text
-    assert "| keep_best + BN + 1 epoch fine-tune | 0.11 |" in text
-    assert _is_png(tmp_path / f"{tag}_recipes.png")
-
-
-@pytest.mark.slow
-def test_distill_study_quick_mode_writes_the_grid(tmp_path):
-    _run_example("distill_study.py", f"--output_dir={tmp_path}",
-                 "--rankings=cdrp,random", "--budgets=0.33")
-    text = (tmp_path / "vgg16_w0.125_quick_distill.md").read_text()
-    for config in ("cdrp, hard", "cdrp, distill", "random, hard",
-                   "random, distill", "scratch (same channels), hard"):
-        assert f"| {config} | 0.33 | 1 | 2 |" in text
-    assert _is_png(tmp_path / "vgg16_w0.125_quick_distill.png")
-    rows = (tmp_path / "vgg16_w0.125_quick_distill_pairs.csv").read_text()
-    assert len(rows.splitlines()) == 1 + 5 * 2  # 5 configs x 2 pairs
-    # (--search_max_drop is kd.smallest_subtask per pair: test_budget_search
-    # covers it; a second subprocess here would cost a minute of CI.)
-
-
-@pytest.mark.slow
-def test_repair_study_quick_mode_resumes_where_it_stopped(tmp_path):
-    # A run that stopped after one row: the rerun computes the other three.
-    csv_path = tmp_path / "vgg16_w0.125_quick_repair_pairs.csv"
-    csv_path.write_text(
-        "pair,ranking,allocation,recovery,params,compact_params,full,"
-        "accuracy,drop,seconds\n"
-        "cat-dog,cdrp,uniform:0.5,bn,0.25,0.25,0.5,0.5,0.0,1.0\n")
-    out = _run_example("repair_study.py", f"--output_dir={tmp_path}",
-                       "--allocations=uniform:0.5", "--recoveries=bn,repair")
-    computed = [line.split()[:4] for line in out.splitlines()
-                if " pp [" in line]
-    assert computed == [
-        ["cat-dog", "cdrp", "uniform:0.5", "repair"],
-        ["bird-cat", "cdrp", "uniform:0.5", "bn"],
-        ["bird-cat", "cdrp", "uniform:0.5", "repair"],
-    ], out
-    assert len(csv_path.read_text().splitlines()) == 1 + 4
-    text = (tmp_path / "vgg16_w0.125_quick_repair.md").read_text()
-    for config in ("cdrp / uniform:0.5 / bn", "cdrp / uniform:0.5 / repair"):
-        assert f"| {config} | 2 |" in text
-    assert _is_png(tmp_path / "vgg16_w0.125_quick_repair.png")
-
-
 def _quickstart_in_a_fresh_process(*flags):
     """Runs the quickstart's `main` with `flags` in a new interpreter.
 

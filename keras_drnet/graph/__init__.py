@@ -17,3 +17,8 @@ from keras_drnet.graph.kinds import register_layer_kind
 from keras_drnet.graph.plan import ChannelPlan
 from keras_drnet.graph.trace import FlatNode
 from keras_drnet.graph.trace import Graph
+
+__all__ = [
+    "ChannelFlow", "ChannelPlan", "FlatNode", "Graph", "LayerCost",
+    "LayerKind", "layer_costs", "register_layer_kind", "running_costs",
+]
