@@ -38,7 +38,7 @@ def main():
                     sub = kd.subtask(model, ranking, list(pair), budget=budget,
                                      budget_scope="gate", calibrate=calibrate)
                     logits = tf.function(
-                        lambda x, s=sub: s._logits_model(x, training=False))
+                        lambda x, s=sub: s.logits_model(x, training=False))
                     accuracy = cifar_models.pair_accuracy(logits, test, pair)
                     print(f"{pair} {label:6s} budget {budget:.2f} "
                           f"{'BN' if calibrate is not None else '  '} full "

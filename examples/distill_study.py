@@ -162,7 +162,7 @@ def search(model, civs, names, pairs, calibration, validation, test, full):
             model, civs, list(pair), max_drop=_SEARCH.value,
             validation_data=(x, y), calibrate=images, verbose=0)
         chosen = next(r for r in table if r["budget"] == sub.budget)
-        logits = lambda images, s=sub: s._logits_model(images, training=False)
+        logits = lambda images, s=sub: s.logits_model(images, training=False)
         accuracy = cifar_models.pair_accuracy(logits, test, pair)
         rows.append({
             "pair": "-".join(names[c] for c in pair), "budget": sub.budget,
