@@ -12,6 +12,7 @@ from keras_drnet.dissection import dissect
 from keras_drnet.export import export
 from keras_drnet.export import read_class_names
 from keras_drnet.finetuning import finetune
+from keras_drnet.gate_fitting import CDRP
 from keras_drnet.gate_fitting import GateFitter
 from keras_drnet.gate_fitting import cdrp
 from keras_drnet.graph import LayerKind
@@ -23,6 +24,7 @@ from keras_drnet.reconstruction import combine
 from keras_drnet.repair import repair
 from keras_drnet.reporting import SubtaskReport
 from keras_drnet.reporting import evaluate_subtask
+from keras_drnet.selection import Selection
 from keras_drnet.serving import export_dynamic
 from keras_drnet.subtask import SubtaskModel
 from keras_drnet.subtask import subtask
@@ -30,7 +32,8 @@ from keras_drnet.subtask import subtask
 __version__ = "0.1.0"
 
 __all__ = [
-    "CCIV", "CIVs", "ChannelGate", "GateFitter", "LayerKind", "SubtaskModel",
+    "CCIV", "CDRP", "CIVs", "ChannelGate", "GateFitter", "LayerKind", "Selection",
+    "SubtaskModel",
     "SubtaskReport", "allocate_budget", "calibrate_batchnorm", "cdrp",
     "combine", "compact", "dissect", "evaluate_subtask", "export",
     "export_dynamic", "fill_closed_channels", "finetune", "inject_gates",

@@ -21,8 +21,8 @@ from keras_drnet.civ import CIVs
 from keras_drnet.civ import atomic_savez
 from keras_drnet.civ import gate_layout
 from keras_drnet.civ import model_fingerprint
-from keras_drnet.gate_fitting import GateFitter
 from keras_drnet.gate_fitting import gated
+from keras_drnet.gate_fitting import method_options
 from keras_drnet.subtask import check_classifier
 
 
@@ -101,12 +101,12 @@ def dissect(
     class_names=None,
     method="cdrp",
     batch_size=64,
-    iterations=30,
-    learning_rate=0.1,
-    momentum=0.9,
-    gamma=0.05,
-    clip=(0.0, 10.0),
-    on_top1_change="keep_best",
+    iterations=None,
+    learning_rate=None,
+    momentum=None,
+    gamma=None,
+    clip=None,
+    on_top1_change=None,
     select="all",
     checkpoint_dir=None,
     strategy=None,
@@ -133,21 +133,20 @@ def dissect(
         class_names: list of names, one per model output; defaults to
             `["0", "1", ...]`.
         method: how an image's channels are scored: `"cdrp"` (default,
-            fitted gates), `"activation"` (mean post-ReLU activation),
+            fitted gates; `keras_drnet.CDRP(...)` for other fitting
+            options), `"activation"` (mean post-ReLU activation),
             `"frat"` (positive gradient of the label's probability) or
             `"taylor"` (|activation x gradient of its log-probability|). The
             scale of the last three differs from layer to layer: combine
             them with `budget=..., budget_scope="gate"` rather than one
             `threshold`.
         batch_size: int. Images fitted at once.
-        iterations, learning_rate, momentum, gamma, clip: fitting
-            hyperparameters of `"cdrp"`, defaults from the paper (sec. 4.1);
-            see `GateFitter`.
-        on_top1_change: (`"cdrp"` only) for an image whose top-1 the fitted gates change:
-            `"keep_best"` (default: its last gates that kept the top-1),
-            `"reset"` its gates to 1 (the paper), or `"exclude"` it from its
-            class average.
-            `CIVs.top1_changed` counts these images per class.
+        iterations, learning_rate, momentum, gamma, clip, on_top1_change:
+            CDRP's fitting options as keywords, the fields of
+            `keras_drnet.CDRP` (defaults from the paper, sec. 4.1, and
+            `on_top1_change="keep_best"`); an error with another method.
+            `CIVs.top1_changed` counts the images whose top-1 the fitted
+            gates changed, per class.
         select: which ReLUs get gates; see `inject_gates()`.
         checkpoint_dir: str or `None`. If set, progress is saved there after
             every batch, and a dissection restarted with the same arguments
@@ -194,20 +193,18 @@ def dissect(
         )
     elements = labelled_elements(ds, input_shape, num_classes)
 
+    method, options = method_options(
+        method, iterations=iterations, learning_rate=learning_rate,
+        momentum=momentum, gamma=gamma, clip=clip,
+        on_top1_change=on_top1_change,
+    )
     check_method(method)
+    on_top1_change = options.on_top1_change if options else None
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         gated_model = gated(model, select)
-        if method == "cdrp":
-            scorer = GateFitter(
-                gated_model,
-                iterations=iterations,
-                learning_rate=learning_rate,
-                momentum=momentum,
-                gamma=gamma,
-                clip=clip,
-                on_top1_change=on_top1_change,
-            )
+        if options is not None:
+            scorer = options.fitter(gated_model)
         else:
             scorer = Attribution(gated_model, method)
     run = BatchRunner(scorer.fit_batch, batch_size, strategy, jit_compile)
@@ -221,15 +218,8 @@ def dissect(
         ),
         "select": select if isinstance(select, str) else repr(select),
     }
-    if method == "cdrp":
-        config.update(
-            iterations=scorer.iterations,
-            learning_rate=scorer.learning_rate,
-            momentum=scorer.momentum,
-            gamma=scorer.gamma,
-            clip=list(scorer.clip),
-            on_top1_change=on_top1_change,
-        )
+    if options is not None:
+        config.update(options.get_config())
 
     sums = np.zeros((num_classes, scorer.total_channels), "float64")
     counts = np.zeros(num_classes, "int64")

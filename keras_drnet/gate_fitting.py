@@ -1,5 +1,6 @@
 """Per-image gate fitting: the CDRP of every image, a whole batch at a time."""
 
+import dataclasses
 import math
 import numbers
 
@@ -274,6 +275,93 @@ def _check_hyperparameters(iterations, learning_rate, momentum, gamma, clip):
             "`clip` must be a pair `(min, max)` with min < max. "
             f"Received: clip={clip!r}"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class CDRP:
+    """The paper's channel scoring, with its fitting options, for `dissect`.
+
+    `keras_drnet.dissect(model, ds, method=keras_drnet.CDRP(gamma=0.01))`
+    fits every image's gates with these options (see `GateFitter`); the
+    string `method="cdrp"` is `CDRP()`, the paper's defaults (sec. 4.1).
+    The other methods (`"activation"`, `"frat"`, `"taylor"`) have no
+    options, so CDRP's cannot be passed to them by mistake.
+
+    Args:
+        iterations: int. SGD iterations per image (paper: T = 30).
+        learning_rate: float. SGD learning rate (paper: 0.1).
+        momentum: float. SGD momentum (paper: 0.9).
+        gamma: float, weight of the L1 term (paper: 0.05), or one per gate.
+        clip: `(min, max)` gate range (paper: [0, 10]).
+        on_top1_change: `"keep_best"` (default), `"reset"` (paper) or
+            `"exclude"`.
+
+    Example:
+
+    ```python
+    civs = keras_drnet.dissect(model, ds, method=keras_drnet.CDRP(gamma=0.01))
+    ```
+    """
+
+    iterations: int = 30
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    gamma: object = 0.05
+    clip: tuple = (0.0, 10.0)
+    on_top1_change: str = "keep_best"
+
+    def __post_init__(self):
+        _check_hyperparameters(self.iterations, self.learning_rate,
+                               self.momentum, self.gamma, self.clip)
+        check_top1_policy(self.on_top1_change)
+        gamma = (
+            float(self.gamma)
+            if isinstance(self.gamma, numbers.Real)
+            else tuple(float(g) for g in self.gamma)
+        )
+        for name, value in [
+            ("iterations", int(self.iterations)),
+            ("learning_rate", float(self.learning_rate)),
+            ("momentum", float(self.momentum)),
+            ("gamma", gamma),
+            ("clip", (float(self.clip[0]), float(self.clip[1]))),
+        ]:
+            object.__setattr__(self, name, value)
+
+    def get_config(self):
+        """Plain Python values (the CIVs' metadata is JSON)."""
+        config = dataclasses.asdict(self)
+        config["clip"] = list(self.clip)
+        if isinstance(self.gamma, tuple):
+            config["gamma"] = list(self.gamma)
+        return config
+
+    def fitter(self, gated_model):
+        """The `GateFitter` fitting these options on `gated_model`."""
+        return GateFitter(gated_model, **dataclasses.asdict(self))
+
+
+def method_options(method, **options):
+    """`method` (a name or `CDRP`) and the CDRP `options` given as keywords
+    (not `None`) as `(name, CDRP or None)`."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if isinstance(method, CDRP):
+        if given:
+            raise ValueError(
+                "Pass CDRP's options in `keras_drnet.CDRP(...)` or as "
+                f"keywords, not both. Received: method={method}, and "
+                + ", ".join(f"{k}={v!r}" for k, v in given.items())
+            )
+        return "cdrp", method
+    if method == "cdrp":
+        return "cdrp", CDRP(**given)
+    if given:
+        raise ValueError(
+            f"{sorted(given)} are options of CDRP's gate fitting; "
+            f"method={method!r} reads the network once and takes none. Drop "
+            "them, or use method='cdrp' (or `keras_drnet.CDRP(...)`)."
+        )
+    return method, None
 
 
 def gated(model, select="all"):

@@ -1,17 +1,12 @@
 """CIVs of a sub-task's classes -> one 0/1 vector of channels to run (CCIV)."""
 
 import dataclasses
-import math
 import warnings
 
 import numpy as np
 
-from keras_drnet.batching import is_number
 from keras_drnet.civ import CIVs
-
-_METHODS = ("union", "xor")
-_EMPTY_GATES = ("keep_best", "allow")
-_BUDGET_SCOPES = ("model", "gate")
+from keras_drnet.selection import as_selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,44 +74,26 @@ def resolve_classes(civs, classes):
 def combine(
     civs,
     classes,
-    method="union",
+    method=None,
     threshold=None,
     budget=None,
-    empty_gates="keep_best",
-    budget_scope="model",
+    empty_gates=None,
+    budget_scope=None,
+    selection=None,
 ):
     """Combines the CIVs of `classes` into a CCIV.
 
-    - `"union"` (paper formula 3): channel j runs iff
-      `max_c civs[c, j] >= threshold`.
-    - `"xor"` (formula 4, two classes only): channel j runs iff
-      `|civs[a, j] - civs[b, j]| >= threshold`.
-
-    Instead of a threshold, `budget` keeps that fraction of all gated
-    channels: the `round(budget * total)` highest scores (ties broken by
-    channel order), which is the threshold that meets the budget. With
-    `budget_scope="gate"`, every gate keeps that fraction of its own
-    channels instead (at least one): scores are only compared within a
-    layer, so layers whose importances are low overall (often the last
-    ones) are not starved by the others.
-
-    A gate whose channels would all be switched off makes every layer after
-    it see a constant, so by default (`empty_gates="keep_best"`) such a gate
-    keeps its single highest-scoring channel, which can add at most one
-    channel per gate to the count the threshold or budget gives.
-    `empty_gates="allow"` keeps the paper's semantics exactly.
+    How channels are chosen is a `keras_drnet.Selection`: pass one as
+    `selection=`, or its fields as keywords (`method`, `threshold` or
+    `budget`, `budget_scope`, `empty_gates`); see `Selection` for what each
+    does and its defaults.
 
     Args:
         civs: `keras_drnet.CIVs`.
         classes: list of class names or indices.
-        method: `"union"` or `"xor"`.
-        threshold: float, the paper's `union_thr` / `xor_thr`.
-        budget: float in (0, 1], fraction of channels to keep; or a list
-            of such fractions, one per gate (per-gate budgets, e.g. from
-            `keras_drnet.allocate_budget()`).
-        empty_gates: `"keep_best"` or `"allow"`.
-        budget_scope: `"model"` (one ranking over all channels) or
-            `"gate"` (the fraction of every gate's channels).
+        method, threshold, budget, empty_gates, budget_scope: the fields of
+            a `Selection`.
+        selection: a `Selection`, instead of the keywords.
 
     Returns:
         `CCIV`.
@@ -133,39 +110,14 @@ def combine(
             "`civs` must be `keras_drnet.CIVs` (from `keras_drnet.dissect()` "
             f"or `CIVs.load()`). Received: {type(civs).__name__}"
         )
-    if method not in _METHODS:
-        raise ValueError(
-            f"`method` must be one of {list(_METHODS)}. "
-            f"Received: method={method!r}"
-        )
-    if empty_gates not in _EMPTY_GATES:
-        raise ValueError(
-            f"`empty_gates` must be one of {list(_EMPTY_GATES)}. "
-            f"Received: empty_gates={empty_gates!r}"
-        )
-    if (threshold is None) == (budget is None):
-        raise ValueError(
-            "Pass exactly one of `threshold` (e.g. the paper's union_thr "
-            "6e-3) or `budget` (fraction of channels to keep, e.g. 0.3). "
-            f"Received: threshold={threshold!r}, budget={budget!r}"
-        )
-    if budget_scope not in _BUDGET_SCOPES:
-        raise ValueError(
-            f"`budget_scope` must be one of {list(_BUDGET_SCOPES)}. "
-            f"Received: budget_scope={budget_scope!r}"
-        )
-    if budget is not None:
-        fractions = _checked_budget(budget, civs.layout)
-    if threshold is not None and not (
-        is_number(threshold) and math.isfinite(threshold) and threshold >= 0
-    ):
-        raise ValueError(
-            "`threshold` must be a finite number >= 0 (e.g. the paper's "
-            f"union_thr 6e-3). Received: threshold={threshold!r}"
-        )
+    selection = as_selection(
+        selection, method=method, threshold=threshold, budget=budget,
+        empty_gates=empty_gates, budget_scope=budget_scope,
+    )
+    selection.check_layout(civs.layout)
     indices = resolve_classes(civs, classes)
     vectors = civs.vectors[list(indices)]
-    if method == "union":
+    if selection.method == "union":
         scores = vectors.max(axis=0)
     else:
         if len(indices) != 2:
@@ -175,54 +127,23 @@ def combine(
                 f"{list(classes)}; use method='union' for other counts."
             )
         scores = np.abs(vectors[0] - vectors[1])
-    if budget is not None:
-        mask = np.zeros(scores.size, "float32")
-        per_gate = budget_scope == "gate" or len(fractions) > 1
-        spans = gate_spans(civs.layout) if per_gate else [(0, scores.size)]
-        if len(fractions) == 1:
-            fractions = fractions * len(spans)
-        for (start, stop), fraction in zip(spans, fractions):
-            part = scores[start:stop]
-            keep = max(1, int(round(fraction * part.size)))
-            order = np.argsort(-part, kind="stable")
-            mask[start + order[:keep]] = 1.0
-        threshold = float(scores[mask > 0].min())
-    else:
-        mask = (scores >= threshold).astype("float32")
-        if method == "union":
-            _warn_if_resets_open_everything(civs, indices, threshold)
-    if empty_gates == "keep_best":
-        for start, stop in gate_spans(civs.layout):
-            if not mask[start:stop].any():
-                mask[start + int(np.argmax(scores[start:stop]))] = 1.0
+    mask = np.asarray(selection.mask(scores, civs.layout), "float32")
+    threshold = selection.threshold
+    if threshold is None:
+        # The threshold the budget amounts to, before the empty-gate rule.
+        budgeted = dataclasses.replace(selection, empty_gates="allow")
+        kept = np.asarray(budgeted.mask(scores, civs.layout)) > 0
+        threshold = float(scores[kept].min())
+    elif selection.method == "union":
+        _warn_if_resets_open_everything(civs, indices, threshold)
     return CCIV(
         mask=mask,
         layout=tuple(civs.layout),
         classes=indices,
-        method=method,
+        method=selection.method,
         threshold=float(threshold),
         scores=scores,
     )
-
-
-def _checked_budget(budget, layout):
-    """`budget` as a list of fractions: one, or one per gate."""
-    many = isinstance(budget, (list, tuple, np.ndarray))
-    fractions = list(np.asarray(budget).ravel()) if many else [budget]
-    if many and len(fractions) != len(layout):
-        raise ValueError(
-            "A `budget` list gives one fraction per gate, in the order of "
-            f"`keras_drnet.list_gates` ({len(layout)} gates here). Received: "
-            f"{len(fractions)} values"
-        )
-    for value in fractions:
-        if not (is_number(value) and 0 < value <= 1):
-            raise ValueError(
-                "`budget` is the fraction of channels to keep, a number in "
-                "(0, 1] (or a list of them, one per gate). Received: "
-                f"budget={budget!r}"
-            )
-    return [float(v) for v in fractions]
 
 
 def _warn_if_resets_open_everything(civs, indices, threshold):
@@ -243,8 +164,3 @@ def _warn_if_resets_open_everything(civs, indices, threshold):
                 "`budget`.",
                 stacklevel=3,
             )
-
-
-def gate_spans(layout):
-    stops = np.cumsum([entry.channels for entry in layout])
-    return list(zip(stops - [entry.channels for entry in layout], stops))

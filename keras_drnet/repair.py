@@ -136,11 +136,7 @@ def _twin(sub, open_gates):
         sub.reference_copy(),
         sub.civs,
         sub.classes,
-        method=sub.method,
-        threshold=sub.threshold,
-        budget=sub.budget,
-        empty_gates=sub.empty_gates,
-        budget_scope=sub.budget_scope,
+        selection=sub.selection,
     )
     for gate, own in zip(twin.gates, sub.gates):
         value = keras.ops.convert_to_numpy(own.gate)

@@ -1,66 +1,25 @@
 """One SavedModel that serves any sub-task, chosen per request."""
 
-import warnings
-
-import numpy as np
 import tensorflow as tf
 
 from keras_drnet.channel_gate import per_sample_gates
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
-from keras_drnet.reconstruction import combine
-from keras_drnet.reconstruction import gate_spans
 from keras_drnet.saved_model import write_saved_model
+from keras_drnet.selection import as_selection
 from keras_drnet.subtask import SubtaskModel
 from keras_drnet.subtask import gated_copy
 
 
-def _cciv_fn(civs, threshold, budget, budget_scope, empty_gates):
-    """`classes (multi-hot) -> 0/1 mask`, the in-graph `combine(union)`."""
+def _cciv_fn(civs, selection):
+    """`classes (multi-hot) -> 0/1 mask`: `combine`'s union, in the graph."""
     vectors = tf.constant(civs.vectors, tf.float32)
-    spans = gate_spans(civs.layout)
-    total = int(vectors.shape[1])
-    per_gate = budget_scope == "gate" or isinstance(
-        budget, (list, tuple, np.ndarray)
-    )
-    budget_spans = spans if per_gate else [(0, total)]
-    # One fraction per span (`combine` has checked a list's length).
-    fractions = (
-        list(np.ravel(budget)) if np.ndim(budget) else [budget] * len(spans)
-    )
-
-    def top(part, count):
-        # `np.argsort(-part, kind="stable")`: ties keep channel order.
-        order = tf.argsort(-part, stable=True)[:count]
-        return tf.reduce_max(tf.one_hot(order, tf.size(part)), axis=0)
 
     def cciv(selected):
         scores = tf.reduce_max(
             tf.where(selected[:, None], vectors, float("-inf")), axis=0
         )
-        if budget is not None:
-            mask = tf.concat(
-                [
-                    top(scores[a:b], max(1, int(round(f * (b - a)))))
-                    for (a, b), f in zip(budget_spans, fractions)
-                ],
-                axis=0,
-            )
-        else:
-            mask = tf.cast(scores >= threshold, tf.float32)
-        if empty_gates == "keep_best":
-            mask = tf.concat(
-                [
-                    tf.where(
-                        tf.reduce_any(mask[a:b] > 0),
-                        mask[a:b],
-                        top(scores[a:b], 1),
-                    )
-                    for a, b in spans
-                ],
-                axis=0,
-            )
-        return mask
+        return selection.mask(scores, civs.layout)
 
     return cciv
 
@@ -71,9 +30,10 @@ def export_dynamic(
     filepath,
     threshold=None,
     budget=None,
-    budget_scope="model",
-    empty_gates="keep_best",
+    budget_scope=None,
+    empty_gates=None,
     subtasks=None,
+    selection=None,
     verbose=False,
 ):
     """Writes one SavedModel whose sub-task is chosen by each request.
@@ -97,11 +57,13 @@ def export_dynamic(
         model: the classifier the CIVs were dissected from.
         civs: `keras_drnet.CIVs`.
         filepath: str, the SavedModel directory.
-        threshold, budget, budget_scope, empty_gates: as in
-            `keras_drnet.combine()` (method `"union"`).
+        threshold, budget, budget_scope, empty_gates: the fields of a
+            `keras_drnet.Selection` (method `"union"`).
         subtasks: optional dict `{name: SubtaskModel}` of sub-tasks of the
             same model.
         verbose: bool, whether Keras prints what it writes.
+        selection: a `keras_drnet.Selection` (method `"union"`), instead
+            of the keywords.
 
     Example:
 
@@ -115,12 +77,16 @@ def export_dynamic(
     ```
     """
     gated_model = gated_copy(model, civs)
-    # Checks threshold / budget / scope / empty_gates as `combine` does
-    # (its warnings would be about class 0, which nobody asked for).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        combine(civs, [0], threshold=threshold, budget=budget,
-                budget_scope=budget_scope, empty_gates=empty_gates)
+    selection = as_selection(
+        selection, threshold=threshold, budget=budget,
+        budget_scope=budget_scope, empty_gates=empty_gates,
+    )
+    if selection.method != "union":
+        raise ValueError(
+            "`export_dynamic` combines the requested classes by union; "
+            f"Received: selection={selection}"
+        )
+    selection.check_layout(civs.layout)
     subtasks = dict(subtasks or {})
     for name, sub in subtasks.items():
         if not isinstance(sub, SubtaskModel) or sub.civs.fingerprint != (
@@ -135,7 +101,7 @@ def export_dynamic(
     logits_model, _ = split_softmax(gated_model)
     gates = [spec.layer for spec in list_gates(gated_model)]
     sizes = [gate.channels for gate in gates]
-    cciv = _cciv_fn(civs, threshold, budget, budget_scope, empty_gates)
+    cciv = _cciv_fn(civs, selection)
     spec = gated_model.inputs[0]
     num_classes = civs.num_classes
 

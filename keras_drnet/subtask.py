@@ -23,6 +23,7 @@ from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
 from keras_drnet.reconstruction import combine
 from keras_drnet.saved_model import write_saved_model
+from keras_drnet.selection import as_selection
 
 
 @keras.saving.register_keras_serializable(package="keras_drnet")
@@ -42,13 +43,11 @@ class SubtaskModel(keras.Model):
         gated_model: a model returned by `keras_drnet.inject_gates()`.
         civs: `keras_drnet.CIVs` for that model (or their config when loading).
         classes: list of class names or indices.
-        method: `"union"` or `"xor"`; see `keras_drnet.combine()`.
-        threshold: float or `None`; see `keras_drnet.combine()`.
-        budget: float or `None`; see `keras_drnet.combine()`.
-        empty_gates: `"keep_best"` or `"allow"`; see `keras_drnet.combine()`.
-        budget_scope: `"model"` or `"gate"`; see `keras_drnet.combine()`.
+        method, threshold, budget, empty_gates, budget_scope: the fields
+            of a `keras_drnet.Selection`, which picks the channels.
         calibrated_for: class indices the BatchNorm statistics were
             recalibrated for (see `calibrate()`), or `None`.
+        selection: a `keras_drnet.Selection`, instead of the keywords.
         **kwargs: Base model keyword arguments, such as `name`.
 
     Example:
@@ -69,12 +68,13 @@ class SubtaskModel(keras.Model):
         gated_model,
         civs,
         classes,
-        method="union",
+        method=None,
         threshold=None,
         budget=None,
-        empty_gates="keep_best",
-        budget_scope="model",
+        empty_gates=None,
+        budget_scope=None,
         calibrated_for=None,
+        selection=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -83,11 +83,10 @@ class SubtaskModel(keras.Model):
         self.gated_model = gated_model
         self.civs = civs
         self.classes = classes
-        self.method = method
-        self.threshold = threshold
-        self.budget = budget
-        self.empty_gates = empty_gates
-        self.budget_scope = budget_scope
+        self.selection = as_selection(
+            selection, method=method, threshold=threshold, budget=budget,
+            empty_gates=empty_gates, budget_scope=budget_scope,
+        )
         self.calibrated_for = calibrated_for
         self._logits_model, self.ends_in_softmax = split_softmax(gated_model)
         self._gates = [spec.layer for spec in list_gates(gated_model)]
@@ -118,9 +117,7 @@ class SubtaskModel(keras.Model):
         )
         self.cciv = None
         self._switch = _Switch()
-        self.set_classes(
-            classes, method, threshold, budget, empty_gates, budget_scope
-        )
+        self.set_classes(classes, selection=self.selection)
         self.build(gated_model.inputs[0].shape)
 
     # Read-only views; stored under private names, which are the paths of
@@ -149,6 +146,13 @@ class SubtaskModel(keras.Model):
         """Names of the sub-task's classes."""
         return [self.civs.class_names[i] for i in self.cciv.classes]
 
+    # The selection's fields, read-only: `set_classes` changes them.
+    method = property(lambda self: self.selection.method)
+    threshold = property(lambda self: self.selection.threshold)
+    budget = property(lambda self: self.selection.get_config()["budget"])
+    empty_gates = property(lambda self: self.selection.empty_gates)
+    budget_scope = property(lambda self: self.selection.budget_scope)
+
     def set_classes(
         self,
         classes,
@@ -157,26 +161,26 @@ class SubtaskModel(keras.Model):
         budget=None,
         empty_gates=None,
         budget_scope=None,
+        selection=None,
     ):
         """Switches to another sub-task by rewriting the masks in place.
 
-        Arguments left `None` keep their current value (a new `threshold`
-        replaces the `budget` and vice versa).
+        The channels are chosen as before (`self.selection`) unless a new
+        `selection`, or some of its fields, are given: arguments left `None`
+        keep their current value, and a new `threshold` replaces the
+        `budget` and vice versa.
         """
-        if threshold is None and budget is None:
-            threshold, budget = self.threshold, self.budget
-        method = method or self.method
-        empty_gates = empty_gates or self.empty_gates
-        budget_scope = budget_scope or self.budget_scope
-        cciv = combine(
-            self.civs,
-            classes,
-            method,
-            threshold,
-            budget,
-            empty_gates,
-            budget_scope,
-        )
+        if selection is None:
+            selection = self.selection.replace(
+                method=method, threshold=threshold, budget=budget,
+                empty_gates=empty_gates, budget_scope=budget_scope,
+            )
+        else:
+            selection = as_selection(
+                selection, method=method, threshold=threshold, budget=budget,
+                empty_gates=empty_gates, budget_scope=budget_scope,
+            )
+        cciv = combine(self.civs, classes, selection=selection)
         if self.calibrated_for is not None and list(cciv.classes) != list(
             self.calibrated_for
         ):
@@ -197,11 +201,7 @@ class SubtaskModel(keras.Model):
             self.class_mask.assign(live)
         self.cciv = cciv
         self.classes = list(classes)
-        self.method = method
-        self.threshold = threshold
-        self.budget = budget
-        self.empty_gates = empty_gates
-        self.budget_scope = budget_scope
+        self.selection = selection
 
     def masked_softmax(self, logits):
         """Softmax over the live classes; exactly 0 elsewhere."""
@@ -330,11 +330,7 @@ class SubtaskModel(keras.Model):
                     int(c) if isinstance(c, (int, np.integer)) else c
                     for c in self.classes
                 ],
-                "method": self.method,
-                "threshold": self.threshold,
-                "budget": self.budget,
-                "empty_gates": self.empty_gates,
-                "budget_scope": self.budget_scope,
+                **self.selection.get_config(),
                 "calibrated_for": self.calibrated_for,
             }
         )
@@ -479,13 +475,14 @@ def subtask(
     model,
     civs,
     classes,
-    method="union",
+    method=None,
     threshold=None,
     budget=None,
-    empty_gates="keep_best",
-    budget_scope="model",
+    empty_gates=None,
+    budget_scope=None,
     calibrate=None,
     calibration_samples=512,
+    selection=None,
 ):
     """Builds the `SubtaskModel` of `model` for `classes`.
 
@@ -493,14 +490,15 @@ def subtask(
         model: the classifier `civs` were dissected from.
         civs: `keras_drnet.CIVs` from `keras_drnet.dissect(model, ...)`.
         classes: list of class names or indices, e.g. `["cat", "dog"]`.
-        method, threshold, budget, empty_gates, budget_scope: how CIVs are
-            combined; see `keras_drnet.combine()`. Exactly one of
-            `threshold`/`budget`.
+        method, threshold, budget, empty_gates, budget_scope: how the
+            channels are chosen, the fields of a `keras_drnet.Selection`
+            (exactly one of `threshold` / `budget`).
         calibrate: `None`, or images to recalibrate the BatchNorm
             statistics of the masked network on (`(image, label)` pairs of
             which the sub-task's classes are used, or images alone); see
             `SubtaskModel.calibrate()`. `model` itself is never changed.
         calibration_samples: int. Images used to recalibrate (at most).
+        selection: a `keras_drnet.Selection`, instead of the keywords.
 
     Returns:
         `SubtaskModel`.
@@ -524,6 +522,7 @@ def subtask(
         budget=budget,
         empty_gates=empty_gates,
         budget_scope=budget_scope,
+        selection=selection,
         name=f"{model.name}_subtask",
     )
     if calibrate is not None:

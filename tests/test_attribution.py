@@ -162,3 +162,32 @@ def test_attribution_civs_build_subtasks_with_per_gate_budgets(data, xy):
         sub, (data["x_test"], data["y_test"])
     ).gates:
         assert kept == round(total * 0.5)
+
+
+def test_cdrp_options_object_equals_the_keywords(data, xy):
+    x, y = xy
+    settings = dict(samples_per_class=1, batch_size=8, verbose=0)
+    by_object = kd.dissect(data["model"], (x, y), **settings,
+                           method=kd.CDRP(iterations=3, gamma=0.01))
+    by_keywords = kd.dissect(data["model"], (x, y), **settings,
+                             iterations=3, gamma=0.01)
+    np.testing.assert_array_equal(by_object.vectors, by_keywords.vectors)
+    assert by_object.config == by_keywords.config
+    assert by_object.config["gamma"] == 0.01
+    assert by_object.config["iterations"] == 3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cdrp_options_with_another_method_are_refused(data, xy, method):
+    with pytest.raises(ValueError, match=r"\['gamma'\] are options of "
+                       f"CDRP's gate fitting; method='{method}'"):
+        kd.dissect(data["model"], xy, samples_per_class=1, method=method,
+                   gamma=0.01)
+
+
+def test_cdrp_options_are_validated_and_not_given_twice(data, xy):
+    with pytest.raises(ValueError, match="`gamma` must be a finite number"):
+        kd.CDRP(gamma=-1.0)
+    with pytest.raises(ValueError, match="not both"):
+        kd.dissect(data["model"], xy, samples_per_class=1,
+                   method=kd.CDRP(), gamma=0.01)

@@ -95,8 +95,9 @@ def assert_meaningful(cdrps, kept):
 
 @pytest.mark.parametrize(
     "function",
-    [kd.cdrp, kd.dissect, kd.GateFitter.__init__],
-    ids=["cdrp", "dissect", "GateFitter"],
+    # `dissect`'s are `CDRP`'s (its keywords default to None: not given).
+    [kd.cdrp, kd.CDRP, kd.GateFitter.__init__],
+    ids=["cdrp", "CDRP", "GateFitter"],
 )
 def test_default_hyperparameters_are_the_papers(function):
     parameters = inspect.signature(function).parameters

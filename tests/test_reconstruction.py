@@ -127,7 +127,8 @@ def test_budget_keeps_round_budget_times_total_highest_scores(budget):
     for s in gate_slices():
         vectors[:, s.start] = 2.0 + s.start / 100
     civs = make_civs(vectors)
-    cciv = kd.combine(civs, ["cat", "dog"], budget=budget)
+    cciv = kd.combine(civs, ["cat", "dog"], budget=budget,
+                      budget_scope="model")
     scores = vectors[[0, 1]].max(axis=0)
     expected = expected_budget_mask(scores, budget)
     assert nonempty_per_gate(expected)
@@ -140,7 +141,8 @@ def test_budget_breaks_ties_by_channel_order():
     # All 12 scores equal: a budget of 0.5 keeps exactly channels 0..5.
     vectors = np.full((len(NAMES), TOTAL), 0.5)
     civs = make_civs(vectors)
-    cciv = kd.combine(civs, ["cat", "dog"], budget=0.5, empty_gates="allow")
+    cciv = kd.combine(civs, ["cat", "dog"], budget=0.5, empty_gates="allow",
+                      budget_scope="model")
     np.testing.assert_array_equal(cciv.mask, [1] * 6 + [0] * 6)
 
 
@@ -151,7 +153,8 @@ def test_budget_ties_at_the_cut_keep_the_earlier_channels():
     vectors[2, [3, 10]] = 0.9
     vectors[2, [1, 5, 8, 11]] = 0.5
     civs = make_civs(vectors)
-    cciv = kd.combine(civs, ["bird"], budget=4 / 12, empty_gates="allow")
+    cciv = kd.combine(civs, ["bird"], budget=4 / 12, empty_gates="allow",
+                      budget_scope="model")
     np.testing.assert_array_equal(np.flatnonzero(cciv.mask), [1, 3, 5, 10])
     assert cciv.threshold == 0.5
 
@@ -160,7 +163,8 @@ def test_budget_with_xor_ranks_absolute_differences():
     civs = make_civs()
     vectors = civs.vectors
     cciv = kd.combine(
-        civs, ["ship", "cat"], "xor", budget=0.5, empty_gates="allow"
+        civs, ["ship", "cat"], "xor", budget=0.5, empty_gates="allow",
+        budget_scope="model",
     )
     expected = expected_budget_mask(np.abs(vectors[4] - vectors[0]), 0.5)
     np.testing.assert_array_equal(cciv.mask, expected)
@@ -168,7 +172,8 @@ def test_budget_with_xor_ranks_absolute_differences():
 
 def test_budget_threshold_is_the_lowest_kept_score():
     civs = make_civs(np.random.default_rng(3).uniform(0, 1, (5, TOTAL)))
-    cciv = kd.combine(civs, ["cat", "frog"], budget=0.5, empty_gates="allow")
+    cciv = kd.combine(civs, ["cat", "frog"], budget=0.5, empty_gates="allow",
+                      budget_scope="model")
     kept = cciv.scores[cciv.mask == 1]
     assert cciv.threshold == pytest.approx(float(kept.min()))
     assert np.all(cciv.scores[cciv.mask == 0] < cciv.threshold)
@@ -243,8 +248,9 @@ def test_keep_best_adds_one_channel_per_empty_gate_to_a_budget():
     vectors = np.zeros((len(NAMES), TOTAL))
     vectors[0] = [0.9, 0.8, 0.7, 0.1, 0.2, 0.3, 0.0, 0.5, 0.6, 0.4, 0.55, 0.6]
     civs = make_civs(vectors)
-    allow = kd.combine(civs, ["cat"], budget=0.25, empty_gates="allow")
-    keep = kd.combine(civs, ["cat"], budget=0.25)
+    allow = kd.combine(civs, ["cat"], budget=0.25, empty_gates="allow",
+                       budget_scope="model")
+    keep = kd.combine(civs, ["cat"], budget=0.25, budget_scope="model")
     np.testing.assert_array_equal(np.flatnonzero(allow.mask), [0, 1, 2])
     # fc1's best is channel 8 (0.6, first of the tie with 11).
     np.testing.assert_array_equal(np.flatnonzero(keep.mask), [0, 1, 2, 5, 8])
@@ -416,7 +422,8 @@ def test_gate_budget_does_not_starve_a_gate_with_low_scores():
     vectors[:, :7] = 0.9  # conv1, conv2 high
     vectors[:, 7:] = np.linspace(0.01, 0.05, 5)  # fc1 low
     civs = make_civs(vectors)
-    model_scope = kd.combine(civs, ["cat"], budget=0.5)
+    model_scope = kd.combine(civs, ["cat"], budget=0.5,
+                             budget_scope="model")
     gate_scope = kd.combine(civs, ["cat"], budget=0.5, budget_scope="gate")
     assert model_scope.mask[7:].sum() == 1  # only the empty-gate rescue
     np.testing.assert_array_equal(gate_scope.mask[7:], [0, 0, 0, 1, 1])
@@ -425,3 +432,61 @@ def test_gate_budget_does_not_starve_a_gate_with_low_scores():
 def test_unknown_budget_scope_is_refused():
     with pytest.raises(ValueError, match="budget_scope.*Received.*'layer'"):
         kd.combine(make_civs(), ["cat"], budget=0.5, budget_scope="layer")
+
+
+# ---------------------------------------------------------------------------
+# Selection: the settings as one validated object.
+# ---------------------------------------------------------------------------
+
+
+def test_selection_equals_the_keywords_and_round_trips():
+    civs = make_civs()
+    selection = kd.Selection(budget=0.5, budget_scope="model",
+                             empty_gates="allow")
+    by_object = kd.combine(civs, ["cat", "dog"], selection=selection)
+    by_keywords = kd.combine(civs, ["cat", "dog"], budget=0.5,
+                             budget_scope="model", empty_gates="allow")
+    np.testing.assert_array_equal(by_object.mask, by_keywords.mask)
+    assert kd.Selection.from_config(selection.get_config()) == selection
+    per_gate = kd.Selection(budget=[0.5] * len(SIZES))
+    assert kd.Selection.from_config(per_gate.get_config()) == per_gate
+
+
+def test_selection_default_scope_is_per_gate():
+    civs = make_civs()
+    np.testing.assert_array_equal(
+        kd.combine(civs, ["cat"], budget=0.5).mask,
+        kd.combine(civs, ["cat"], budget=0.5, budget_scope="gate").mask,
+    )
+
+
+def test_selection_replace_swaps_threshold_and_budget():
+    selection = kd.Selection(budget=0.3)
+    assert selection.replace(threshold=0.1) == kd.Selection(threshold=0.1)
+    assert selection.replace(method=None) == selection
+    assert kd.Selection(threshold=0.1).replace(budget=0.2).budget == 0.2
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({}, "exactly one of"),
+        ({"budget": 0.3, "threshold": 0.1}, "exactly one of"),
+        ({"budget": 1.5}, "budget"),
+        ({"threshold": float("nan")}, "threshold"),
+        ({"budget": 0.3, "budget_scope": "layer"}, "budget_scope"),
+        ({"budget": 0.3, "method": "and"}, "method"),
+        ({"budget": 0.3, "empty_gates": "never"}, "empty_gates"),
+    ],
+)
+def test_selection_refuses_bad_settings(settings, match):
+    with pytest.raises(ValueError, match=match):
+        kd.Selection(**settings)
+
+
+def test_combine_refuses_a_selection_and_keywords_together():
+    with pytest.raises(ValueError, match="not both"):
+        kd.combine(make_civs(), ["cat"], budget=0.5,
+                   selection=kd.Selection(budget=0.3))
+    with pytest.raises(TypeError, match="Selection"):
+        kd.combine(make_civs(), ["cat"], selection={"budget": 0.3})
