@@ -12,7 +12,7 @@ Then `dissect` with every `method` on the same images (images/s, and the
 speed-up over CDRP), and the peak memory of `dissect` over 1k and 10k
 images, each in a fresh process (with T=2: memory does not depend on T).
 
-    python benchmarks/dissect_throughput.py
+    python -m benchmarks.dissect_throughput
 """
 
 import json
@@ -218,7 +218,7 @@ def main(_):
     if _MEMORY.value:
         for count in (1000, 10000):
             child = subprocess.run(
-                [sys.executable, __file__, f"--dataset={dataset}",
+                [sys.executable, "-m", "benchmarks.dissect_throughput", f"--dataset={dataset}",
                  f"--memory_run={count}", f"--cache_dir={_CACHE.value}"],
                 capture_output=True, text=True, check=True,
             )

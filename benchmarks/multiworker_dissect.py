@@ -7,7 +7,7 @@ them); the workers are subprocesses of this script on localhost ports,
 started together, and the chief reports its wall time. All figures come
 from one run.
 
-    python benchmarks/multiworker_dissect.py
+    python -m benchmarks.multiworker_dissect
 """
 
 import json
@@ -18,7 +18,6 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
 SAMPLES_PER_CLASS = 20
 
@@ -27,7 +26,7 @@ def _dissect(strategy=None):
     import keras
     import numpy as np
 
-    import cifar_models
+    from examples import cifar_models
     import keras_drnet as kd
 
     keras.utils.set_random_seed(0)
@@ -64,7 +63,8 @@ def main():
     for s in sockets:
         s.close()
     workers = [
-        subprocess.Popen([sys.executable, __file__, json.dumps(ports), str(i)],
+        subprocess.Popen([sys.executable, "-m", "benchmarks.multiworker_dissect",
+                          json.dumps(ports), str(i)],
                          stdout=subprocess.PIPE, text=True)
         for i in range(2)
     ]

@@ -8,29 +8,27 @@ run: batch-1 latency (median) and batch-256 throughput; ratios are times
 relative to the fixed sub-task. Weights and CIVs are random (latency does
 not depend on them).
 
-    python benchmarks/serving_overhead.py --width=0.5
+    python -m benchmarks.serving_overhead --width=0.5
 """
 
 import os
-import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 
-import cifar_models  # noqa: E402
+from examples import cifar_models  # noqa: E402
 import keras_drnet as kd  # noqa: E402
 # Its flags too: --keep, --width, --repeats, --rounds.
-from subtask_latency import _KEEP  # noqa: E402
-from subtask_latency import _REPEATS  # noqa: E402
-from subtask_latency import _ROUNDS  # noqa: E402
-from subtask_latency import _WIDTH  # noqa: E402
-from subtask_latency import measure  # noqa: E402
-from subtask_latency import random_subtask  # noqa: E402
+from benchmarks.subtask_latency import _KEEP  # noqa: E402
+from benchmarks.subtask_latency import _REPEATS  # noqa: E402
+from benchmarks.subtask_latency import _ROUNDS  # noqa: E402
+from benchmarks.subtask_latency import _WIDTH  # noqa: E402
+from benchmarks.subtask_latency import measure  # noqa: E402
+from benchmarks.subtask_latency import random_subtask  # noqa: E402
 
 
 def main(_):

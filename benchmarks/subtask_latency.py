@@ -7,15 +7,13 @@ batch 256, for the base model, the masked `SubtaskModel` and
 `kd.compact(sub)`; with parameters and MACs. Weights are random (latency
 does not depend on them); the CCIV is random with `budget=--keep`.
 
-    python benchmarks/subtask_latency.py
+    python -m benchmarks.subtask_latency
 """
 
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -23,7 +21,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-import cifar_models  # noqa: E402
+from examples import cifar_models  # noqa: E402
 import keras_drnet as kd  # noqa: E402
 from keras_drnet.graph import running_costs  # noqa: E402
 from keras_drnet.civ import gate_layout  # noqa: E402

@@ -54,9 +54,9 @@ _BUDGET = flags.DEFINE_float(
     "Fraction of the channels to keep (used unless --threshold is given).",
 )
 _BUDGET_SCOPE = flags.DEFINE_enum(
-    "budget_scope", "model", ["model", "gate"],
-    "'model': one ranking over all channels; 'gate': every layer keeps "
-    "--budget of its channels.",
+    "budget_scope", "gate", ["gate", "model"],
+    "'gate' (the library's default): every layer keeps --budget of its "
+    "channels; 'model': one ranking over all channels.",
 )
 _CALIBRATE = flags.DEFINE_boolean(
     "calibrate", False,

@@ -15,7 +15,6 @@ which `cifar_models.trained()` then finds in its cache.
 
 import io
 import os
-import sys
 import time
 
 import numpy as np
@@ -64,7 +63,6 @@ def main(_):
         return
     import keras
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import cifar_models
 
     images, labels = load(_DATA.value)

@@ -240,6 +240,29 @@ class Progress:
               f"{self._rate():.1f} images/s", flush=True)
 
 
+
+def class_elements(ds, input_shape, num_classes, classes):
+    """The unbatched `(image, label)` elements of `ds` whose label is one
+    of `classes` (indices)."""
+    wanted = tf.constant(list(classes), tf.int64)
+    return labelled_elements(ds, input_shape, num_classes).filter(
+        lambda x, y: tf.reduce_any(tf.equal(tf.cast(y, tf.int64), wanted))
+    )
+
+
+def class_images(ds, input_shape, num_classes, classes):
+    """The images of `classes` in `(image, label)` pairs (dataset or tuple
+    of arrays); images alone (array or dataset) are passed through, taken
+    to be of those classes."""
+    paired = isinstance(ds, tuple) or (
+        isinstance(ds, tf.data.Dataset) and isinstance(ds.element_spec, tuple)
+    )
+    if not paired:
+        return ds
+    return class_elements(ds, input_shape, num_classes, classes).map(
+        lambda x, y: x
+    )
+
 def is_chief(strategy):
     """Whether this process writes shared files (checkpoints) for the
     strategy's cluster: always, unless another worker is the chief."""

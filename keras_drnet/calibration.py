@@ -21,6 +21,29 @@ def batchnorm_layers(model):
     return list(layers.values())
 
 
+def batchnorm_statistics(model):
+    """Every BatchNorm's moving mean and variance in `model`, one array."""
+    values = [
+        ops.convert_to_numpy(v) for v in _statistic_variables(model)
+    ]
+    return np.concatenate(values) if values else np.zeros(0, "float32")
+
+
+def set_batchnorm_statistics(model, values):
+    """Writes `batchnorm_statistics()` of an equal model into `model`."""
+    variables = _statistic_variables(model)
+    offsets = np.cumsum([0] + [v.shape[0] for v in variables])
+    for variable, start, stop in zip(variables, offsets, offsets[1:]):
+        variable.assign(values[start:stop])
+
+
+def _statistic_variables(model):
+    return [
+        v for bn in batchnorm_layers(model)
+        for v in (bn.moving_mean, bn.moving_variance)
+    ]
+
+
 def affected_batchnorms(gated_model):
     """BatchNormalization layers whose input depends on a closed gate.
 

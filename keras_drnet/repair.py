@@ -20,6 +20,8 @@ from keras_drnet.batching import first_batch
 from keras_drnet.batching import is_int
 from keras_drnet.batching import is_number
 from keras_drnet.compaction import build_compact
+from keras_drnet.graph import Graph
+from keras_drnet.graph.kinds import BATCHNORM
 from keras_drnet.subtask import SubtaskModel
 
 
@@ -105,11 +107,19 @@ def repair(
     full, full_sliced = build_compact(
         _twin(sub, open_gates=True), include_softmax=False
     )
+    graph = Graph(small)
+    kinds = {id(flat.op): flat.kind for flat in graph.nodes}
+    # One set of weights for several calls cannot match each call's target.
+    forms = {
+        id(flat.op): flat.kind.refit_form(flat) for flat in graph.nodes
+        if graph.calls[id(flat.op)] == 1
+    }
     targets = [
-        _Target(layer, full_layer, kept_in, full_in, kept_out, full_out)
+        _Target(layer, full_layer, kept_in, full_in, kept_out, full_out,
+                forms[id(layer)], kinds)
         for (_, layer, kept_in, kept_out), (_, full_layer, full_in, full_out)
         in zip(sliced, full_sliced)
-        if _refittable(layer)
+        if forms.get(id(layer))
     ]
     # Layers before the first one that loses input channels read what the
     # full network's read (a chain's; elsewhere the check below is a bound).
@@ -144,25 +154,16 @@ def _twin(sub, open_gates):
     return twin
 
 
-def _refittable(layer):
-    if len(layer._inbound_nodes) != 1:
-        return False  # one set of weights for several inputs
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        return layer.depth_multiplier == 1
-    if type(layer) is keras.layers.Conv2D:
-        return layer.groups == 1
-    return type(layer) is keras.layers.Dense
-
-
 class _Target:
     """One layer to refit: its patches, the full network's outputs there."""
 
     def __init__(self, layer, full_layer, kept_in, full_in, kept_out,
-                 full_out):
+                 full_out, form, kinds):
         self.layer = layer
         self.full_layer = full_layer
-        self.depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
-        self.conv = isinstance(layer, keras.layers.Conv2D) or self.depthwise
+        self.depthwise = form == "depthwise"
+        self.conv = form in ("conv", "depthwise")
+        self.kinds = kinds
         # Positions of this layer's kept channels in the full layer's.
         self.inputs = _positions(kept_in, full_in)
         self.all_inputs = len(kept_in) == len(full_in)
@@ -292,9 +293,7 @@ class _Target:
         # A bias-free layer (before a BatchNorm, as in ResNets): the fitted
         # offset goes into the BatchNorm's mean, where it acts the same.
         readers = [n.operation for n in self.layer._outbound_nodes]
-        if len(readers) == 1 and isinstance(
-            readers[0], keras.layers.BatchNormalization
-        ):
+        if len(readers) == 1 and self.kinds.get(id(readers[0])) is BATCHNORM:
             bn = readers[0]
             bn.moving_mean.assign(
                 keras.ops.convert_to_numpy(bn.moving_mean) - new_bias

@@ -9,10 +9,12 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_drnet.batching import labelled_elements
+from keras_drnet.batching import class_elements
+from keras_drnet.batching import class_images
 from keras_drnet.batching import model_input_shape
-from keras_drnet.calibration import batchnorm_layers
+from keras_drnet.calibration import batchnorm_statistics
 from keras_drnet.calibration import calibrate_batchnorm
+from keras_drnet.calibration import set_batchnorm_statistics
 from keras_drnet.civ import CIVs
 from keras_drnet.civ import gate_layout
 from keras_drnet.civ import model_fingerprint
@@ -105,12 +107,11 @@ class SubtaskModel(keras.Model):
         )
         # The BatchNorm statistics the sub-task was built with, so that the
         # full network stays the original one after `calibrate()`.
-        self._batchnorms = batchnorm_layers(gated_model)
-        statistics = _statistics(self._batchnorms)
+        statistics = batchnorm_statistics(gated_model)
         self.reference_statistics = self.add_weight(
-            shape=(sum(len(v) for v in statistics),),
+            shape=statistics.shape,
             initializer=keras.initializers.Constant(
-                np.concatenate(statistics) if statistics else 0.0
+                statistics if statistics.size else 0.0
             ),
             trainable=False,
             name="reference_statistics",
@@ -253,8 +254,7 @@ class SubtaskModel(keras.Model):
         recalibrated since it was built; then a copy with the original ones.
         """
         reference = ops.convert_to_numpy(self.reference_statistics)
-        current = _statistics(self._batchnorms)
-        if not current or np.array_equal(np.concatenate(current), reference):
+        if np.array_equal(batchnorm_statistics(self.gated_model), reference):
             return self.logits_model, self.gates
         copy = self.reference_copy()
         return split_softmax(copy)[0], [s.layer for s in list_gates(copy)]
@@ -271,30 +271,23 @@ class SubtaskModel(keras.Model):
     def reference_copy(self):
         """A copy of the gated model with the reference statistics."""
         copy = copy_model(self.gated_model)
-        variables = _statistic_variables(batchnorm_layers(copy))
-        if variables:
-            splits = np.cumsum([v.shape[0] for v in variables])[:-1]
-            reference = ops.convert_to_numpy(self.reference_statistics)
-            for variable, value in zip(variables, np.split(reference, splits)):
-                variable.assign(value)
+        set_batchnorm_statistics(
+            copy, ops.convert_to_numpy(self.reference_statistics)
+        )
         return copy
 
     def subtask_images(self, ds):
         """The images of `ds` to use for this sub-task: of `(image, label)`
         pairs those of its classes, else all of them (assumed to be)."""
-        paired = isinstance(ds, tuple) or (
-            isinstance(ds, tf.data.Dataset)
-            and isinstance(ds.element_spec, tuple)
-        )
-        return self.live_elements(ds).map(lambda x, y: x) if paired else ds
+        input_shape, _ = model_input_shape(self.gated_model)
+        return class_images(ds, input_shape, self.civs.num_classes,
+                            self.cciv.classes)
 
     def live_elements(self, ds):
         """The unbatched `(image, label)` elements of the sub-task's classes."""
         input_shape, _ = model_input_shape(self.gated_model)
-        live = tf.constant(list(self.cciv.classes), tf.int64)
-        return labelled_elements(ds, input_shape, self.civs.num_classes).filter(
-            lambda x, y: tf.reduce_any(tf.equal(tf.cast(y, tf.int64), live))
-        )
+        return class_elements(ds, input_shape, self.civs.num_classes,
+                              self.cciv.classes)
 
     def predict_class_names(self, images, batch_size=None, verbose=0):
         """The predicted class name of every image."""
@@ -402,14 +395,6 @@ def check_classifier(model):
             f"{sorted(model.output)}); DRNet needs one tensor of class "
             "scores, e.g. `keras.Model(model.inputs, model.output[key])`."
         )
-
-
-def _statistic_variables(batchnorms):
-    return [v for bn in batchnorms for v in (bn.moving_mean, bn.moving_variance)]
-
-
-def _statistics(batchnorms):
-    return [ops.convert_to_numpy(v) for v in _statistic_variables(batchnorms)]
 
 
 def _civs_config(civs):

@@ -1,4 +1,4 @@
-"""Shared helpers for test_gate_fitting.py and test_civ.py.
+"""Shared helpers for test_gate_fitting.py, test_dissection.py, test_civ.py.
 
 A small CNN trained on a slice of MNIST (random weights give degenerate,
 all-zero CDRPs), cached once per test session, and a per-image reference
@@ -7,6 +7,7 @@ implementation of the CDRP fitting that shares no code with
 """
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -14,6 +15,7 @@ import tensorflow as tf
 from keras import layers
 
 import keras_drnet as kd
+from keras_drnet.civ import LayoutEntry
 
 NUM_CLASSES = 10
 CLASS_NAMES = [
@@ -246,3 +248,70 @@ def top1_with_gates(fitter, images, cdrps):
         top1.append(int(tf.argmax(predict(tf.constant(image[None]))[0])))
     fitter.set_gates(np.ones(fitter.total))
     return np.array(top1)
+
+
+def shared_dissection(data, xy, samples_per_class=3, batch_size=8):
+    """The dissection test_dissection.py and test_civ.py share, and the
+    warnings it raised."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        civs = kd.dissect(
+            data["model"],
+            xy,
+            samples_per_class=samples_per_class,
+            class_names=CLASS_NAMES,
+            batch_size=batch_size,
+            verbose=0,
+        )
+    return civs, [w for w in record if issubclass(w.category, UserWarning)]
+
+
+def partial_dissection(data, xy, batch_size=8):
+    """A dissection where class 3 has no image and class 5 only one.
+
+    Built from a filtered `tf.data.Dataset`; returns `(civs, warnings, index of the one five)`.
+    """
+    x, y = xy
+    first_five = int(np.flatnonzero(y == 5)[0])
+    ds = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .enumerate()
+        .filter(
+            lambda i, e: (e[1] != 3)
+            & ((e[1] != 5) | (i == tf.constant(first_five, tf.int64)))
+        )
+        .map(lambda i, e: e)
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        civs = kd.dissect(
+            data["model"],
+            ds,
+            samples_per_class=2,
+            class_names=CLASS_NAMES,
+            batch_size=batch_size,
+            verbose=0,
+        )
+    return civs, record, first_five
+
+
+def assert_identical(loaded, civs):
+    assert loaded.vectors.dtype == civs.vectors.dtype
+    assert loaded.vectors.shape == civs.vectors.shape
+    assert loaded.vectors.tobytes() == civs.vectors.tobytes()
+    assert loaded.counts.dtype == civs.counts.dtype
+    np.testing.assert_array_equal(loaded.counts, civs.counts)
+    np.testing.assert_array_equal(loaded.top1_changed, civs.top1_changed)
+    assert loaded.class_names == civs.class_names
+    assert loaded.layout == civs.layout
+    assert all(isinstance(e, LayoutEntry) for e in loaded.layout)
+    assert loaded.fingerprint == civs.fingerprint
+    assert loaded.config == civs.config
+    assert loaded.missing == civs.missing
+
+
+def copy_of(model):
+    """A clone of `model` with its weights."""
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone

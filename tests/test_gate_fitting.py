@@ -9,15 +9,12 @@ degenerate all-zero CDRPs.
 """
 
 import inspect
-import os
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _dissect_models as dm  # noqa: E402
 import keras_drnet as kd  # noqa: E402
 from keras_drnet import gate_fitting  # noqa: E402

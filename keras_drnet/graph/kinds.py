@@ -108,6 +108,13 @@ class LayerKind:
         call outputs exactly 0 there; False where it cannot."""
         return False
 
+    def refit_form(self, flat):
+        """How `keras_drnet.repair` refits the call's weights by least
+        squares: `"dense"` (`x @ W + b`), `"conv"` (2-D patches `@ W + b`),
+        `"depthwise"` (each channel its own 2-D kernel), or `None` (the
+        weights stay as compacted)."""
+        return None
+
     def __repr__(self):
         return f"<LayerKind {self.name}>"
 
@@ -250,6 +257,12 @@ class Dense(LayerKind):
             weights[-1][positions] = 0
         return True
 
+    def refit_form(self, flat):
+        # Exactly these classes: a subclass may compute something else.
+        if type(flat.op) is keras.layers.Conv2D:
+            return "conv"
+        return "dense" if type(flat.op) is keras.layers.Dense else None
+
 
 class Depthwise(LayerKind):
     """Output channel `c * m + j` reads input channel `c` only."""
@@ -297,6 +310,10 @@ class Depthwise(LayerKind):
         if getattr(flat.op, "use_bias", False):
             weights[-1][positions] = 0
         return True
+
+    def refit_form(self, flat):
+        two_d = isinstance(flat.op, keras.layers.DepthwiseConv2D)
+        return "depthwise" if two_d and self.multiplier(flat) == 1 else None
 
 
 class Separable(LayerKind):

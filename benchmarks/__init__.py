@@ -1,0 +1,1 @@
+"""Benchmarks; run each from the repository root: `python -m benchmarks.NAME`."""
