@@ -5,12 +5,11 @@ import time
 import warnings
 
 import numpy as np
-import tensorflow as tf
 
 from keras_drnet.allocation import EXPONENT
 from keras_drnet.allocation import allocate_budget
 from keras_drnet.batching import is_number
-from keras_drnet.batching import labelled_elements
+from keras_drnet.batching import class_elements
 from keras_drnet.batching import model_input_shape
 from keras_drnet.civ import CIVs
 from keras_drnet.finetuning import finetune as finetune_subtask
@@ -283,16 +282,21 @@ def _validation_images(model, civs, indices, validation_data, max_drop):
             "of the sub-task's classes, to measure the drop on."
         )
     input_shape, dtype = model_input_shape(model)
-    live = tf.constant(indices, tf.int64)
-    elements = labelled_elements(validation_data, input_shape, civs.num_classes)
-    elements = elements.filter(
-        lambda x, y: tf.reduce_any(tf.equal(tf.cast(y, tf.int64), live))
-    )
+    elements = class_elements(validation_data, input_shape, civs.num_classes,
+                              indices)
     images, labels = [], []
     for x, y in elements.batch(512).as_numpy_iterator():
         images.append(x.astype(dtype, copy=False))
         labels.append(y.astype("int64"))
     labels = np.concatenate(labels) if labels else np.zeros(0, "int64")
+    bad = sum(int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
+              for x in images)
+    if bad:
+        raise ValueError(
+            f"{bad} of the {len(labels)} validation images of the sub-task's "
+            "classes have NaN or inf values: a budget chosen on them would "
+            "mean nothing. Drop or fix them."
+        )
     missing = [civs.class_names[i] for i in indices if not (labels == i).any()]
     if missing:
         raise ValueError(

@@ -4,6 +4,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -292,10 +293,17 @@ class CIVs:
         path = os.fspath(path)
         try:
             with np.load(path, allow_pickle=False) as data:
+                for name in _ARRAYS:
+                    _check_stored_size(data, name)
                 vectors = data["vectors"]
                 counts = data["counts"]
                 top1_changed = data["top1_changed"]
                 metadata = json.loads(str(data["metadata"]))
+            if not isinstance(metadata, dict):
+                raise ValueError("its metadata is not a JSON object")
+            missing = [k for k in _METADATA_KEYS if k not in metadata]
+            if missing:
+                raise ValueError(f"its metadata lacks {missing}")
         except FileNotFoundError:
             raise
         except (
@@ -305,12 +313,15 @@ class CIVs:
             OSError,
             EOFError,
             NotImplementedError,
+            RecursionError,  # deeply nested JSON
+            MemoryError,
         ) as e:
             raise ValueError(
                 f"Could not read CIVs from {path!r}: the file is corrupted, "
-                f"truncated or not a CIVs file ({type(e).__name__}: {e}). "
-                "Re-run `keras_drnet.dissect()` and save again."
-            ) from e
+                f"truncated or not a CIVs file ({type(e).__name__}: "
+                f"{str(e)[:200]}). Re-run `keras_drnet.dissect()` and save "
+                "again."
+            ) from None
         version = metadata.get("format_version")
         if version not in _READABLE_VERSIONS:
             raise ValueError(
@@ -337,6 +348,32 @@ class CIVs:
         )
 
 
+_ARRAYS = ("vectors", "counts", "top1_changed", "metadata")
+_METADATA_KEYS = ("format_version", "class_names", "layout", "fingerprint",
+                  "config")
+
+
+def _check_stored_size(data, name):
+    """Refuses an array whose header claims more data than the file holds,
+    before anything is allocated for it."""
+    member = data.zip.getinfo(f"{name}.npy")
+    with data.zip.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f"'{name}' has .npy format version {version}")
+        shape, _, dtype = readers[version](f)
+    if dtype.hasobject:
+        raise ValueError(f"'{name}' holds Python objects")
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed > member.file_size:
+        raise ValueError(
+            f"'{name}' claims shape {shape} ({claimed:,} bytes) but the file "
+            f"holds {member.file_size:,}"
+        )
+
+
 def _checksum(*arrays, metadata=None):
     """SHA-256 of the arrays and of every metadata field but the checksum."""
     digest = hashlib.sha256()
@@ -357,6 +394,11 @@ def atomic_savez(path, **arrays):
     try:
         with os.fdopen(handle, "wb") as f:
             np.savez(f, **arrays)
+        # `mkstemp` creates the file 0600; give it the mode any other output
+        # gets (0666 less the umask), so that others can read it as usual.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -41,6 +41,9 @@ for _define, _name, _default, _help in [
      "`class_names`)."),
     (_S, "rescale", None, "Multiply pixel values by this, e.g. 1/255, as "
      "the model expects."),
+    (_L, "class_names", None, "The model's class names in its output "
+     "order, e.g. airplane,automobile,... (needed for a --data folder, "
+     "whose subfolders are matched to them by name)."),
     (_I, "samples_per_class", 100, "Images dissected per class."),
     (_S, "method", "cdrp", "cdrp, activation, frat or taylor."),
     (_S, "checkpoint_dir", None, "Resumable progress (default: --out + "
@@ -70,8 +73,8 @@ for _define, _name, _default, _help in [
 _COMMANDS = {
     "dissect": (
         "Per-class channel importance vectors (CIVs) of a classifier.",
-        ["model", "dataset", "split", "data", "rescale", "samples_per_class",
-         "method", "checkpoint_dir", "out"],
+        ["model", "dataset", "split", "data", "rescale", "class_names",
+         "samples_per_class", "method", "checkpoint_dir", "out"],
         ["model", "out"],
     ),
     "subtask": (
@@ -142,29 +145,58 @@ _COMMANDS_FLAGS = {f for _, names, _ in _COMMANDS.values() for f in names}
 
 
 def _rescale():
+    import math
+
     text = FLAGS.rescale
     if text is None:
         return None
     try:
         if "/" in text:
             numerator, denominator = text.split("/")
-            return float(numerator) / float(denominator)
-        return float(text)
+            value = float(numerator) / float(denominator)
+        else:
+            value = float(text)
     except (ValueError, ZeroDivisionError):
+        value = None
+    if value is None or not math.isfinite(value) or value == 0:
         raise UsageError(
-            f"--rescale must be a number or a fraction such as 1/255. "
-            f"Received: --rescale={text}"
-        ) from None
+            f"--rescale must be a finite, non-zero number or a fraction "
+            f"such as 1/255. Received: --rescale={text}"
+        )
+    return value
 
 
-def _data(spec):
+def _by_name(ds, found, names, source):
+    """`ds` with labels indexing `found` (the data's class names) mapped to
+    indices of `names` (the model's), matched by name."""
+    import tensorflow as tf
+
+    if names is None or list(found) == list(names):
+        return ds
+    unknown = [n for n in found if n not in names]
+    if unknown:
+        raise UsageError(
+            f"{source} has classes {unknown} that the model does not know; "
+            f"its classes are {list(names)}. Rename or remove them."
+        )
+    table = tf.constant([list(names).index(n) for n in found], tf.int64)
+    return ds.map(lambda x, y: (x, tf.gather(table, tf.cast(y, tf.int64))))
+
+
+def _data(spec, names=None):
     """`(dataset of (image, label), class names or None)` for `spec`: a
-    folder of class subfolders, an .npz, or a split of --dataset."""
+    folder of class subfolders, an .npz, or a split of --dataset.
+
+    With `names` (the model's classes, from the CIVs or --class_names), the
+    data's own class names are matched to them by name, so a label always
+    means the model's class: a folder's subfolders sort alphabetically,
+    which is rarely the model's order.
+    """
     import numpy as np
     import tensorflow as tf
 
     scale = _rescale()
-    names = None
+    found = None
     if spec.endswith(".npz") or os.sep in spec or os.path.isdir(spec):
         if not os.path.exists(spec):
             raise UsageError(f"{spec}: no such file or folder.")
@@ -180,16 +212,20 @@ def _data(spec):
                     (archive["images"], archive["labels"])
                 )
                 if "class_names" in archive.files:
-                    names = [str(n) for n in archive["class_names"]]
+                    found = [str(n) for n in archive["class_names"]]
         else:
-            import keras
-
-            size = _model().inputs[0].shape[1:3]
-            ds = keras.utils.image_dataset_from_directory(
-                spec, image_size=tuple(size), batch_size=None,
-                shuffle=False, verbose=False,
-            )
-            names = list(ds.class_names)
+            ds, found = _folder(spec)
+            if names is None:
+                if not all(n.isdigit() for n in found):
+                    raise UsageError(
+                        f"The subfolders of {spec} ({', '.join(found[:4])}"
+                        f"{', ...' if len(found) > 4 else ''}) sort "
+                        "alphabetically, which need not be the model's "
+                        "output order: pass --class_names in the model's "
+                        "order (subfolders are matched to them by name)."
+                    )
+                # Folders named 0, 1, ... are the model's output indices.
+                names = [str(i) for i in range(max(map(int, found)) + 1)]
     elif FLAGS.dataset is not None:
         import tensorflow_datasets as tfds
 
@@ -197,19 +233,45 @@ def _data(spec):
             ds, info = tfds.load(FLAGS.dataset, split=spec,
                                  as_supervised=True, with_info=True)
         except Exception as error:  # tfds raises many kinds
+            first = str(error).strip().splitlines()[0][:200]
             raise UsageError(
-                f"--dataset={FLAGS.dataset} --split={spec}: {error}"
+                f"--dataset={FLAGS.dataset} --split={spec}: {first}"
             ) from None
         label = info.features["label"]
-        names = list(getattr(label, "names", []) or []) or None
+        found = list(getattr(label, "names", []) or []) or None
     else:
         raise UsageError(
             f"{spec!r} is not a folder or an .npz file; for a tfds split, "
             "pass --dataset=NAME too."
         )
+    if found is not None:
+        ds = _by_name(ds, found, names, spec)
     if scale is not None:
         ds = ds.map(lambda x, y: (tf.cast(x, "float32") * scale, y))
-    return ds, names
+    return ds, (names if names is not None else found)
+
+
+def _folder(spec):
+    """A folder of class subfolders as `(dataset, subfolder names)`; every
+    image is decoded once first, so a corrupt file is named up front."""
+    import keras
+    import tensorflow as tf
+
+    size = _model().inputs[0].shape[1:3]
+    ds = keras.utils.image_dataset_from_directory(
+        spec, image_size=tuple(size), batch_size=None, shuffle=False,
+        verbose=False,
+    )
+    found = list(ds.class_names)
+    for path in ds.file_paths:
+        try:
+            tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+        except tf.errors.OpError:
+            raise UsageError(
+                f"{path} is not a readable image (corrupt, or not PNG / "
+                "JPEG / GIF / BMP): remove or replace it."
+            ) from None
+    return ds, found
 
 
 _LOADED = {}
@@ -235,11 +297,22 @@ def _civs():
 
 
 def dissect():
+    import shutil
+
     import keras_drnet as kd
 
+    out = FLAGS.out
+    if not out.endswith(".npz") or os.path.isdir(out):
+        raise UsageError(f"--out={out}: the CIVs are written to an .npz "
+                         "file, e.g. --out=civs.npz.")
+    _check_writable(out)
+    checkpoint = FLAGS.checkpoint_dir or out + ".ckpt"
+    if os.path.exists(checkpoint) and not os.path.isdir(checkpoint):
+        raise UsageError(f"--checkpoint_dir={checkpoint} is a file; the "
+                         "checkpoint is a folder: pass another path.")
     model = _model()
-    ds, names = _data(FLAGS.data or FLAGS.split or "train")
-    checkpoint = FLAGS.checkpoint_dir or FLAGS.out + ".ckpt"
+    ds, names = _data(FLAGS.data or FLAGS.split or "train",
+                      FLAGS.class_names)
     try:
         civs = kd.dissect(
             model, ds, samples_per_class=FLAGS.samples_per_class,
@@ -250,9 +323,19 @@ def dissect():
         print(f"\nInterrupted. Progress is in {checkpoint}: run the same "
               "command again to resume.", file=sys.stderr)
         raise SystemExit(130)
-    civs.save(FLAGS.out)
-    print(f"Wrote {FLAGS.out}: {civs.num_classes} classes, "
+    civs.save(out)
+    if FLAGS.checkpoint_dir is None:
+        # The default checkpoint has done its job; left behind, it would be
+        # resumed by the next run with other data.
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    print(f"Wrote {out}: {civs.num_classes} classes, "
           f"{civs.total_channels} channels in {len(civs.layout)} gates.")
+
+
+def _check_writable(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out={path}: folder {folder} does not exist.")
 
 
 def _subtask(model, civs, calibrate=None):
@@ -285,16 +368,25 @@ def subtask():
     if sum(v is not None for v in chosen) != 1:
         raise UsageError("Pass exactly one of --budget, --threshold or "
                          "--max_drop (with --validation).")
+    if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
+        raise UsageError(f"--out={FLAGS.out} is a file; the sub-task is "
+                         "written to a folder: pass another path.")
+    _check_writable(FLAGS.out)
     needs_data = FLAGS.calibrate or FLAGS.repair or FLAGS.finetune_epochs
+    names = civs.class_names
     ds = None
     if needs_data:
-        ds = _data(FLAGS.data or FLAGS.split or "train")[0]
-    os.makedirs(FLAGS.out, exist_ok=True)
+        ds = _data(FLAGS.data or FLAGS.split or "train", names)[0]
+    if FLAGS.max_drop is not None and FLAGS.validation is None:
+        raise UsageError("--max_drop needs --validation: a split of "
+                         "--dataset (e.g. test), or a folder / .npz.")
+    validation = None
+    if FLAGS.validation is not None:
+        validation = _data(FLAGS.validation, names)[0]
+        _check_has_classes(validation, civs, "--validation")
+    if ds is not None:
+        _check_has_classes(ds, civs, "--data" if FLAGS.data else "--split")
     if FLAGS.max_drop is not None:
-        if FLAGS.validation is None:
-            raise UsageError("--max_drop needs --validation: a split of "
-                             "--dataset (e.g. test), or a folder / .npz.")
-        validation = _data(FLAGS.validation)[0]
         finetune = None
         if FLAGS.finetune_epochs:
             finetune = {"ds": ds, "epochs": FLAGS.finetune_epochs}
@@ -315,8 +407,8 @@ def subtask():
             small = kd.finetune(sub, ds, epochs=FLAGS.finetune_epochs,
                                 start=small if FLAGS.repair else None)
         report = {}
-    if sub is not None and FLAGS.validation is not None:
-        validation = _data(FLAGS.validation)[0]
+    os.makedirs(FLAGS.out, exist_ok=True)
+    if sub is not None and validation is not None:
         evaluated = kd.evaluate_subtask(sub, validation)
         print(evaluated)
         evaluated.plot(os.path.join(FLAGS.out, "running_channels.png"))
@@ -357,9 +449,28 @@ def _report_dict(report):
 def report():
     import keras_drnet as kd
 
-    sub = _subtask(_model(), _civs())
-    ds = _data(FLAGS.data or FLAGS.split or "test")[0]
+    civs = _civs()
+    ds = _data(FLAGS.data or FLAGS.split or "test", civs.class_names)[0]
+    sub = _subtask(_model(), civs)
     print(kd.evaluate_subtask(sub, ds))
+
+
+def _check_has_classes(ds, civs, flag):
+    """Refuses data without an image of some class of --classes, before
+    any work (a search or a fine-tune would fail only at its end)."""
+    import numpy as np
+
+    from keras_drnet.reconstruction import resolve_classes
+
+    wanted = set(resolve_classes(civs, FLAGS.classes))
+    seen = set()
+    for _, label in ds.as_numpy_iterator():
+        seen.update(np.ravel(label).astype(int).tolist())
+        if wanted <= seen:
+            return
+    missing = [civs.class_names[i] for i in sorted(wanted - seen)]
+    raise UsageError(f"{flag} has no image of {', '.join(missing)}: pass "
+                     "data with images of every class of --classes.")
 
 
 def similarity():
@@ -376,8 +487,10 @@ _HANDLERS = {"dissect": dissect, "subtask": subtask, "report": report,
 def _main(argv):
     name = argv[1]
     if len(argv) > 2:
-        raise UsageError(f"Unexpected arguments: {' '.join(argv[2:])}. Flags "
-                         "are written --name=value.")
+        raise UsageError(
+            f"Unexpected arguments: {' '.join(argv[2:])}. Flags are written "
+            "--name=value, switches --name or --noname (e.g. --notflite)."
+        )
     _check_flags(name)
     try:
         _HANDLERS[name]()
@@ -406,12 +519,12 @@ def run(argv=None):
         print(_command_help(command))
         return 0
     try:
-        FLAGS(argv[:1] + argv[2:])
+        rest = FLAGS(argv[:1] + argv[2:])[1:]
     except flags.Error as error:
         print(f"keras-drnet {command}: {error}", file=sys.stderr)
         return 2
     try:
-        _main(argv[:1] + [command])
+        _main(argv[:1] + [command] + rest)
     except UsageError as error:
         if FLAGS.verbosity >= 1:
             raise

@@ -68,10 +68,12 @@ class _Checkpoint:
                     f"model ({settings} vs now {self.settings}). Use another "
                     "`checkpoint_dir` or delete it to start over."
                 )
+            # Checkpoints from before the running digest have none.
+            stream = str(data["stream"]) if "stream" in data.files else None
             return (data["sums"], data["counts"], data["changed"],
-                    int(data["position"]))
+                    int(data["position"]), stream)
 
-    def save(self, sums, counts, changed, position):
+    def save(self, sums, counts, changed, position, stream):
         if not self.writer:
             return
         atomic_savez(
@@ -80,8 +82,26 @@ class _Checkpoint:
             counts=counts,
             changed=changed,
             position=np.array(position),
+            stream=np.array(stream),
             settings=np.array(json.dumps(self.settings)),
         )
+
+    def changed_data_error(self):
+        return ValueError(
+            f"The checkpoint in {os.path.dirname(self.path)!r} was made "
+            "from other data: the dataset's elements up to where it stopped "
+            "differ now (images, labels or order). Resuming would mix two "
+            "datasets: delete the checkpoint to start over, or use another "
+            "`checkpoint_dir`."
+        )
+
+
+def _chained(digest, image, label):
+    """The running digest of a stream after one more element."""
+    step = hashlib.sha256(digest.encode())
+    step.update(np.ascontiguousarray(image).tobytes())
+    step.update(np.int64(label).tobytes())
+    return step.hexdigest()
 
 
 def _data_digest(elements, count=4):
@@ -224,7 +244,8 @@ def dissect(
     sums = np.zeros((num_classes, scorer.total_channels), "float64")
     counts = np.zeros(num_classes, "int64")
     changed = np.zeros(num_classes, "int64")
-    position = 0
+    position = resumed_at = 0
+    resumed_stream = None
     checkpoint = None
     if checkpoint_dir is not None:
         checkpoint = _Checkpoint(
@@ -239,7 +260,11 @@ def dissect(
         )
         state = checkpoint.load()
         if state is not None:
-            sums, counts, changed, position = state
+            sums, counts, changed, resumed_at, resumed_stream = state
+            if verbose:
+                print(f"Resuming the dissection in {checkpoint_dir} "
+                      f"({int(counts.sum())} images done); delete it to "
+                      "start over.")
 
     limit = samples_per_class
     target = None if limit is None else limit * num_classes
@@ -251,6 +276,8 @@ def dissect(
     # A dataset with `None` spatial dims is checked image by image.
     unknown_dims = not elements.element_spec[0].shape.is_fully_defined()
 
+    stream = ""  # the running digest of every element read so far
+
     def flush():
         batch_labels = np.asarray(labels)
         cdrps, top1_changed = run(np.stack(images), batch_labels)
@@ -261,14 +288,24 @@ def dissect(
             batch_labels[top1_changed], minlength=num_classes
         )
         if checkpoint is not None:
-            checkpoint.save(sums, counts, changed, position)
+            checkpoint.save(sums, counts, changed, position, stream)
         progress.add(len(images))
         images.clear()
         labels.clear()
 
-    for image, label in elements.skip(position).as_numpy_iterator():
+    for image, label in elements.as_numpy_iterator():
+        if position < resumed_at:
+            # Done before: only re-read, so that a dataset changed since is
+            # caught wherever it changed (not only in its first elements).
+            stream = _chained(stream, image, label)
+            position += 1
+            if position == resumed_at and resumed_stream not in (None,
+                                                                 stream):
+                raise checkpoint.changed_data_error()
+            continue
         if limit is not None and selected.min() >= limit:
             break
+        stream = _chained(stream, image, label)
         position += 1
         label = int(label)
         if not 0 <= label < num_classes:
@@ -290,6 +327,8 @@ def dissect(
         labels.append(label)
         if len(images) == run.batch_size:
             flush()
+    if position < resumed_at:
+        raise checkpoint.changed_data_error()  # the dataset got shorter
     if images:
         flush()
     progress.finish()

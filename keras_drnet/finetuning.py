@@ -8,6 +8,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_drnet.batching import check_image_shape
+from keras_drnet.batching import is_int
 from keras_drnet.batching import is_number
 from keras_drnet.batching import labelled_elements
 from keras_drnet.batching import model_input_shape
@@ -189,6 +190,8 @@ def finetune(
     _check_arguments(
         epochs, distill, temperature, label_weight, images,
         0.01 if learning_rate is None else learning_rate,
+        {"batch_size": batch_size, "shuffle_buffer": shuffle_buffer,
+         "calibration_samples": calibration_samples},
     )
     if freeze_batchnorm not in (None, True, False):
         raise TypeError(
@@ -224,12 +227,29 @@ def finetune(
             "`label_weight` > 0 needs labels, but `ds` has images alone. "
             f"Received: label_weight={label_weight}"
         )
-    # Counted once so that Keras knows the epoch length.
-    count = int(data.reduce(0, lambda count, _: count + 1))
+    # Counted once, before any training, so that Keras knows the epoch
+    # length and a non-finite image is refused up front (one would turn
+    # every weight NaN).
+    count, bad = (
+        int(n) for n in data.reduce(
+            (0, 0),
+            lambda state, element: (
+                state[0] + 1,
+                state[1] + tf.cast(
+                    tf.logical_not(tf.reduce_all(tf.math.is_finite(
+                        tf.cast(element[0], tf.float32)))), tf.int32),
+            ),
+        )
+    )
     if count == 0:
         raise ValueError(
             "`ds` has no image of the sub-task's classes "
             f"{model.class_names}; pass images of those classes."
+        )
+    if bad:
+        raise ValueError(
+            f"{bad} of the {count} images of `ds` have NaN or inf values; "
+            "drop or fix them before fine-tuning."
         )
     data = data.apply(tf.data.experimental.assert_cardinality(count))
     batches = data.shuffle(shuffle_buffer).batch(batch_size)
@@ -286,7 +306,7 @@ def _checked_start(start, sub):
 
 
 def _check_arguments(
-    epochs, distill, temperature, label_weight, images, learning_rate
+    epochs, distill, temperature, label_weight, images, learning_rate, sizes
 ):
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)):
         raise TypeError(f"`epochs` must be an int. Received: epochs={epochs!r}")
@@ -310,6 +330,11 @@ def _check_arguments(
             )
     if temperature == 0:
         raise ValueError("`temperature` must be > 0. Received: temperature=0")
+    for name, value in sizes.items():
+        if not is_int(value) or value < 1:
+            raise ValueError(
+                f"`{name}` must be a positive int. Received: {name}={value!r}"
+            )
     if images not in ("subtask", "all"):
         raise ValueError(
             f'`images` must be "subtask" or "all". Received: images={images!r}'

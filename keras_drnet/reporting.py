@@ -175,6 +175,12 @@ def evaluate_subtask(sub, ds, batch_size=256):
     predict = _predictions(sub, dtype)
     full_correct = sub_correct = count = 0
     for images, labels in elements.batch(batch_size):
+        if not np.isfinite(images.numpy()).all():
+            raise ValueError(
+                "`ds` has images with NaN or inf values among those of the "
+                f"sub-task's classes {sub.live_class_names}: accuracies on "
+                "them would mean nothing. Drop or fix them."
+            )
         full, reduced = predict(images)
         labels = labels.numpy()
         full_correct += int((full.numpy() == labels).sum())

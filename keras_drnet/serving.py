@@ -105,12 +105,22 @@ def export_dynamic(
     spec = gated_model.inputs[0]
     num_classes = civs.num_classes
 
+    # A class whose CIV is missing (NaN) has no channels to choose from.
+    no_civ = tf.constant([name in civs.missing for name in civs.class_names])
+    missing_message = (
+        f"`classes` selects a class without a CIV ({', '.join(civs.missing)}"
+        "): dissect it with images of those classes."
+    )
+
     @tf.function
     def serve(images, classes):
         selected = tf.cast(classes, tf.bool)
         tf.debugging.assert_equal(
             tf.reduce_any(selected), True,
             message="`classes` selects no class: set at least one entry.",
+        )
+        tf.debugging.assert_equal(
+            tf.reduce_any(selected & no_civ), False, message=missing_message
         )
         masks = tf.split(cciv(selected), sizes)
         batch = tf.shape(images)[0]
