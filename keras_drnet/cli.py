@@ -160,8 +160,8 @@ def _rescale():
         value = None
     if value is None or not math.isfinite(value) or value == 0:
         raise UsageError(
-            f"--rescale must be a finite, non-zero number or a fraction "
-            f"such as 1/255. Received: --rescale={text}"
+            f"--rescale must be a number or a fraction such as 1/255, "
+            f"finite and not zero. Received: --rescale={text}"
         )
     return value
 

@@ -169,3 +169,16 @@ def test_default_search_repairs_on_the_calibration_images(case):
     sub, _ = kd.smallest_subtask(model, civs, ["cat", "dog"], repair=None,
                                  **arguments)
     assert isinstance(sub, kd.SubtaskModel)
+
+
+def test_non_finite_validation_images_are_refused(case):
+    model, civs, x, y, _ = case
+    bad = x.copy()
+    bad[np.flatnonzero(y < 2)[:3]] = np.nan
+    with pytest.raises(ValueError, match="3 of the .* validation images of "
+                       "the sub-task's classes have NaN or inf values"):
+        kd.smallest_subtask(model, civs, ["cat", "dog"],
+                            validation_data=(bad, y), repair=None, verbose=0)
+    sub = kd.subtask(model, civs, ["cat", "dog"], budget=0.5)
+    with pytest.raises(ValueError, match="images with NaN or inf values"):
+        kd.evaluate_subtask(sub, (bad, y))

@@ -5,8 +5,10 @@ The CIVs are dissected from the small MNIST CNN of `_dissect_models.py`.
 """
 
 import hashlib
+import io
 import json
 import os
+import zipfile
 
 import keras
 import numpy as np
@@ -381,3 +383,47 @@ def test_class_left_out_by_exclude_names_the_policy():
                        "'exclude' left out all 3 of its images.*keep_best"):
         civs.index("dog")
 
+
+
+def test_a_header_claiming_more_data_than_the_file_holds(saved, tmp_path):
+    _, path, _ = saved
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    big = tmp_path / "big.npz"
+    with zipfile.ZipFile(big, "w") as archive:
+        for name, value in arrays.items():
+            buffer = io.BytesIO()
+            header = np.lib.format.header_data_from_array_1_0(value)
+            if name == "vectors":  # ~36 TiB, as a damaged file may claim
+                header["shape"] = (99_999_999, 99_999)
+            np.lib.format.write_array_header_1_0(buffer, header)
+            buffer.write(np.ascontiguousarray(value).tobytes())
+            archive.writestr(f"{name}.npy", buffer.getvalue())
+    with pytest.raises(ValueError, match="claims shape .* but the file holds"):
+        kd.CIVs.load(big)
+
+
+@pytest.mark.parametrize(
+    "metadata, match",
+    [("[1, 2]", "not a JSON object"), ("{}", "metadata lacks"),
+     ("[" * 100_000 + "]" * 100_000, "RecursionError")],
+)
+def test_malformed_metadata_is_one_clear_error(saved, tmp_path, metadata,
+                                               match):
+    _, path, _ = saved
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["metadata"] = np.array(metadata)
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=match):
+        kd.CIVs.load(path)
+
+
+def test_files_get_the_umasks_mode(baseline, tmp_path):
+    old = os.umask(0o022)
+    try:
+        baseline[0].save(tmp_path / "civs.npz")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "civs.npz").st_mode & 0o777) == 0o644

@@ -53,7 +53,9 @@ def test_dissect_then_subtask_end_to_end(files):
                       method="activation", class_names=sm.NAMES, verbose=0)
     np.testing.assert_allclose(civs.vectors, want.vectors, rtol=1e-6)
     assert civs.class_names == sm.NAMES
-    assert (folder / "civs.npz.ckpt").is_dir()  # resumable by default
+    # The default checkpoint is gone after success: a rerun with other
+    # data must not resume it.
+    assert not (folder / "civs.npz.ckpt").exists()
 
     done = _cli(folder, "subtask", "--model=m.keras", "--civs=civs.npz",
                 "--classes=cat,dog", "--budget=0.5", "--validation=data.npz",
@@ -179,3 +181,113 @@ def test_subtask_with_a_parameter_budget_and_repair(files, capsys, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert 0 <= report["repaired_accuracy"] <= 1
     assert report["running_params"] <= 0.5 * report["params"]
+
+
+# ---------------------------------------------------------------------------
+# Nothing silently wrong (issue 25).
+# ---------------------------------------------------------------------------
+
+FRUIT = ["zebra", "apple", "mango"]  # the model's order, not alphabetical
+
+
+@pytest.fixture(scope="module")
+def fruit(tmp_path_factory):
+    """A 3-class RGB model and a folder of PNGs, one subfolder per class."""
+    folder = tmp_path_factory.mktemp("fruit")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)),
+        keras.layers.Rescaling(1 / 255),
+        keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(3, name="head"),
+    ])
+    model.save(folder / "m.keras")
+    rng = np.random.default_rng(0)
+    # Whole numbers: a PNG stores them exactly.
+    x = rng.integers(0, 256, (18, 8, 8, 3)).astype("float32")
+    y = np.arange(18) % 3
+    for name in FRUIT:
+        (folder / "images" / name).mkdir(parents=True)
+    for i, (image, label) in enumerate(zip(x, y)):
+        keras.utils.save_img(folder / "images" / FRUIT[label] / f"{i}.png",
+                             image, scale=False)
+    return folder, model, x, y
+
+
+def test_folder_classes_are_matched_to_the_models_by_name(fruit, capsys):
+    folder, model, x, y = fruit
+    args = ["keras-drnet", "dissect", f"--model={folder / 'm.keras'}",
+            f"--data={folder / 'images'}", "--method=activation",
+            "--samples_per_class=6"]
+    err = _error(capsys, *args[1:], f"--out={folder / 'a.npz'}")
+    assert "pass --class_names in the model's order" in err
+    assert cli.run(args + [f"--class_names={','.join(FRUIT)}",
+                           f"--out={folder / 'civs.npz'}"]) == 0
+    civs = kd.CIVs.load(folder / "civs.npz")
+    want = kd.dissect(model, (x, y), samples_per_class=6, method="activation",
+                      class_names=FRUIT, verbose=0)
+    assert civs.class_names == FRUIT
+    np.testing.assert_allclose(civs.vectors, want.vectors, rtol=1e-5)
+    # A folder read against the CIVs: labels are the model's classes.
+    capsys.readouterr()
+    assert cli.run(["keras-drnet", "report", f"--model={folder / 'm.keras'}",
+                    f"--civs={folder / 'civs.npz'}", "--classes=zebra,mango",
+                    "--budget=1.0", f"--data={folder / 'images'}"]) == 0
+    sub = kd.subtask(model, civs, ["zebra", "mango"], budget=1.0)
+    assert str(kd.evaluate_subtask(sub, (x, y))) in capsys.readouterr().out
+
+
+def test_a_folder_class_the_model_lacks_and_a_corrupt_image(fruit, capsys,
+                                                            tmp_path):
+    folder, _, _, _ = fruit
+    bad = tmp_path / "images"
+    bad.mkdir()
+    for name in ("zebra", "pear"):
+        (bad / name).mkdir()
+        (bad / name / "0.png").write_bytes(
+            (folder / "images" / "zebra" / "0.png").read_bytes())
+    args = ["dissect", f"--model={folder / 'm.keras'}", f"--data={bad}",
+            f"--class_names={','.join(FRUIT)}", f"--out={tmp_path / 'c.npz'}"]
+    assert "has classes ['pear'] that the model does not know" in _error(
+        capsys, *args)
+    (bad / "pear" / "0.png").unlink()
+    (bad / "pear").rmdir()
+    (bad / "zebra" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    assert "1.png is not a readable image" in _error(capsys, *args)
+
+
+def test_stray_words_and_bad_paths_are_refused_before_any_work(
+        files, capsys, tmp_path):
+    folder, _, _, _ = files
+    model, civs = f"--model={folder / 'm.keras'}", (
+        f"--civs={folder / 'own_civs.npz'}")
+    sub = ["subtask", model, civs, "--classes=cat,dog", "--budget=0.5"]
+    out = tmp_path / "o"
+    assert "Unexpected arguments: false" in _error(
+        capsys, *sub, "--tflite", "false", f"--out={out}")
+    assert not out.exists()
+    assert "Unexpected arguments: extra" in _error(
+        capsys, "similarity", civs, f"--out={tmp_path / 's.png'}", "extra")
+    existing = tmp_path / "file"
+    existing.write_text("x")
+    assert f"--out={existing} is a file" in _error(
+        capsys, *sub, f"--out={existing}")
+    data = f"--data={folder / 'data.npz'}"
+    for bad_out in (tmp_path / "civs.txt", tmp_path):
+        assert "the CIVs are written to an .npz file" in _error(
+            capsys, "dissect", model, data, f"--out={bad_out}")
+    assert "is a file; the checkpoint is a folder" in _error(
+        capsys, "dissect", model, data, f"--out={tmp_path / 'c.npz'}",
+        f"--checkpoint_dir={existing}")
+    assert "such as 1/255, finite and not zero. Received: --rescale=nan" in _error(
+        capsys, "report", model, civs, "--classes=cat,dog", "--budget=0.5",
+        data, "--rescale=nan")
+    # No image of a class in --validation: refused before the fine-tune.
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cats.npz", images=sm.images(rng, 4),
+             labels=np.zeros(4, int), class_names=np.array(sm.NAMES))
+    assert "--validation has no image of dog" in _error(
+        capsys, *sub, data, "--finetune_epochs=1",
+        f"--validation={tmp_path / 'cats.npz'}", f"--out={out}")
+    assert not out.exists()

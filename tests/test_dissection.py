@@ -637,6 +637,25 @@ def test_finished_checkpoint_with_another_dataset_is_refused(
                    **settings)
 
 
+def test_a_dataset_changed_after_its_first_elements_is_refused_on_resume(
+        data, xy, tmp_path, capsys):
+    x, y = xy
+    settings = dict(samples_per_class=2, batch_size=BATCH,
+                    class_names=NAMES, checkpoint_dir=str(tmp_path / "c"))
+    kd.dissect(data["model"], (x, y), verbose=0, **settings)
+    again = kd.dissect(data["model"], (x, y), verbose=1, **settings)
+    assert "Resuming the dissection in" in capsys.readouterr().out
+    # Labels corrected beyond the first elements (the first-elements check
+    # cannot see it): the checkpoint's running digest does.
+    fixed = y.copy()
+    fixed[10:20] = (fixed[10:20] + 1) % 10
+    with pytest.raises(ValueError, match="made from other data"):
+        kd.dissect(data["model"], (x, fixed), verbose=0, **settings)
+    with pytest.raises(ValueError, match="made from other data"):
+        kd.dissect(data["model"], (x[:10], y[:10]), verbose=0, **settings)
+    assert again.counts.sum() == 2 * len(NAMES)
+
+
 # ---------------------------------------------------------------------------
 # tf.distribute.
 # ---------------------------------------------------------------------------

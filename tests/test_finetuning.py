@@ -267,3 +267,16 @@ def test_from_a_repaired_start_batchnorm_statistics_stay_frozen(sub):
     assert not np.array_equal(sm.bn_stats(small)["bn1"][2], before["bn1"][2])
     with pytest.raises(TypeError, match="Received: freeze_batchnorm='yes'"):
         kd.finetune(sub, (x, y), freeze_batchnorm="yes")
+
+
+def test_non_finite_images_and_bad_sizes_are_refused_before_training(sub):
+    x, y = labelled()
+    x = x.copy()
+    x[[0, 5]] = np.nan
+    with pytest.raises(ValueError, match="2 of the .* images of `ds` have "
+                       "NaN or inf values"):
+        kd.finetune(sub, (x, y), epochs=1, verbose=0)
+    for name in ("batch_size", "shuffle_buffer", "calibration_samples"):
+        with pytest.raises(ValueError, match=f"`{name}` must be a positive "
+                           f"int. Received: {name}=0"):
+            kd.finetune(sub, labelled(), epochs=1, verbose=0, **{name: 0})

@@ -13,7 +13,7 @@ import keras_drnet as kd
 CLASS_SETS = (["cat", "dog"], ["bird"], ["cat", "frog", "ship"], sm.NAMES)
 CONFIGS = {
     "threshold": dict(threshold=0.5),
-    "budget": dict(budget=0.4),
+    "budget": dict(budget=0.4, budget_scope="model"),
     "budget_per_gate": dict(budget=0.3, budget_scope="gate"),
     # One fraction per gate, as `kd.allocate_budget` returns.
     "budget_list": dict(budget=[0.9, 0.25, 0.6, 0.4][: len(kd.list_gates(
@@ -69,7 +69,7 @@ def test_concurrent_requests_do_not_see_each_others_subtask(setup):
     model, civs, x, _, paths = setup
     served = tf.saved_model.load(paths["budget"])
     sets = (["cat", "dog"], ["bird", "frog", "ship"])
-    wants = [np.asarray(kd.subtask(model, civs, c, budget=0.4)(x))
+    wants = [np.asarray(kd.subtask(model, civs, c, **CONFIGS["budget"])(x))
              for c in sets]
     assert np.abs(wants[0] - wants[1]).max() > 0.1
     wrong = []
@@ -105,3 +105,22 @@ def test_bad_requests_and_arguments_are_named(setup, tmp_path):
                        "Received: 'x': Sequential"):
         kd.export_dynamic(model, civs, str(tmp_path / "b"), budget=0.5,
                           subtasks={"x": model})
+
+
+def test_a_class_without_a_civ_is_refused_per_request(tmp_path):
+    model = sm.bn_relu_cnn("softmax")
+    rng = np.random.default_rng(0)
+    civs = sm.hand_civs(model, rng, counts=[5, 5, 0, 5, 5])
+    civs.vectors[2] = np.nan  # "bird": no image was dissected
+    with pytest.raises(ValueError, match="'bird' has no CIV"):
+        kd.subtask(model, civs, ["cat", "bird"], budget=0.5)
+    path = str(tmp_path / "served")
+    kd.export_dynamic(model, civs, path, budget=0.5)
+    served = tf.saved_model.load(path)
+    x = tf.constant(sm.images(rng, 2))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="selects a class without a CIV \\(bird\\)"):
+        served.serve(x, tf.constant(_hot(["cat", "bird"])))
+    np.testing.assert_allclose(
+        served.serve(x, tf.constant(_hot(["cat", "dog"]))),
+        kd.subtask(model, civs, ["cat", "dog"], budget=0.5)(x), atol=1e-6)
