@@ -135,7 +135,9 @@ def build_compact(sub, include_softmax=True):
             shape=tensor.shape[1:], dtype=tensor.dtype, name=tensor.name
         )
     inputs = [tensors[key] for key in graph.input_keys]
-    layers, names, sliced = {}, set(), []
+    # The output's name is taken first: `finetune` and users look it up.
+    layers, sliced = {}, []
+    names = {"class_probabilities"} if include_softmax else set()
 
     def unique(name):
         base, k = name, 1

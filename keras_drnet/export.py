@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_drnet.saved_model import write_saved_model
+from keras_drnet.subtask import SubtaskModel
 
 FORMATS = ("keras", "tf_saved_model", "litert", "onnx")
 # A member of the `.keras` zip, and of the zip appended to a `.tflite` file
@@ -22,7 +23,7 @@ def _class_names(model, class_names):
         raise ValueError(
             f"Model '{model.name}' does not say what its output columns are: "
             "pass `class_names=[...]` (models from `keras_drnet.compact()` "
-            "and `SubtaskModel`s carry them)."
+            "and `keras_drnet.repair()` carry them)."
         )
     names = [str(n) for n in names]
     columns = model.outputs[0].shape[-1]
@@ -68,6 +69,15 @@ def export(model, filepath, format="tf_saved_model", class_names=None,
     keras_drnet.read_class_names("cat_dog.tflite")  # ['cat', 'dog']
     ```
     """
+    if isinstance(model, SubtaskModel):
+        raise TypeError(
+            "`export` writes a plain Keras model; a `SubtaskModel` runs the "
+            "full-width network with masks. Export its compact form, which "
+            "computes the same probabilities of its classes: "
+            "`keras_drnet.export(keras_drnet.compact(sub), filepath, "
+            "format=...)`, or write the masked network with "
+            "`sub.export(filepath)` (SavedModel) or `sub.save(path.keras)`."
+        )
     if format not in FORMATS:
         raise ValueError(
             f"`format` must be one of {list(FORMATS)}. Received: "
@@ -89,10 +99,17 @@ def export(model, filepath, format="tf_saved_model", class_names=None,
             {"class_names": names}, verbose,
         )
     else:
-        # Keras's ONNX and LiteRT exporters want a model that has run once.
+        # Keras's ONNX and LiteRT exporters want a model that has run once;
+        # unknown sizes get one large enough for valid convolutions.
         spec = model.inputs[0]
-        shape = [1] + [d or 1 for d in spec.shape[1:]]
-        model(np.zeros(shape, spec.dtype), training=False)
+        for size in (32, 64, 128, 256):
+            try:
+                shape = [1] + [d or size for d in spec.shape[1:]]
+                model(np.zeros(shape, spec.dtype), training=False)
+                break
+            except (ValueError, tf.errors.InvalidArgumentError):
+                if all(spec.shape[1:]):
+                    raise
         model.export(filepath, format=format, verbose=verbose)
         if format == "litert":
             _add_tflite_labels(filepath, text)
@@ -129,6 +146,8 @@ def read_class_names(filepath):
     `class_names()` endpoint, or an ONNX model's `metadata_props`.
     """
     filepath = os.fspath(filepath)
+    if not os.path.exists(filepath):
+        raise FileNotFoundError(f"No such file or folder: {filepath!r}")
     if os.path.isdir(filepath):
         loaded = tf.saved_model.load(filepath)
         if not hasattr(loaded, "class_names"):

@@ -145,3 +145,25 @@ def test_export_errors_name_the_fix(compacted, tmp_path):
     with pytest.raises(ValueError, match="carries no class names: write it "
                        "with `keras_drnet.export"):
         kd.read_class_names(tmp_path / "plain.keras")
+
+
+def test_a_subtask_model_is_refused_with_the_way_to_export_it(compacted,
+                                                              tmp_path):
+    sub, _, _ = compacted
+    with pytest.raises(TypeError, match=r"keras_drnet.export\(keras_drnet."
+                       r"compact\(sub\)"):
+        kd.export(sub, tmp_path / "m.keras", format="keras")
+    with pytest.raises(FileNotFoundError, match="No such file or folder"):
+        kd.read_class_names(tmp_path / "missing.keras")
+
+
+def test_litert_export_of_a_model_with_unknown_image_size(tmp_path):
+    # Valid convolutions: a 1x1 warm-up image would be too small.
+    inp = keras.Input((None, None, 3))
+    h = keras.layers.Conv2D(4, 5, activation="relu")(inp)
+    h = keras.layers.Conv2D(4, 5, activation="relu")(h)
+    out = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h))
+    model = keras.Model(inp, out)
+    path = kd.export(model, tmp_path / "m.tflite", format="litert",
+                     class_names=["a", "b"])
+    assert kd.read_class_names(path) == ["a", "b"]

@@ -111,3 +111,30 @@ def test_register_layer_kind_refuses_bad_arguments(registry):
         kd.register_layer_kind(Scale, "channelwsie")
     with pytest.raises(TypeError, match="LayerKind"):
         kd.register_layer_kind(Scale, 3)
+
+
+def test_per_channel_rescaling_is_sliced_and_the_output_name_is_kept():
+    # A per-channel Rescaling (as a compact model's masks are), and a
+    # layer already named like the compact model's output.
+    inp = keras.Input((8, 8, 3))
+    h = layers.Conv2D(8, 3, padding="same", name="conv1")(inp)
+    h = layers.ReLU(name="relu1")(h)
+    h = layers.Rescaling(np.linspace(0.5, 2.0, 8).reshape(1, 1, 8),
+                         # 0 where relu1_gate closes: those channels go.
+                         offset=np.array([.1, 0, .2, .3, 0, 0, .4, 0]),
+                         name="scale")(h)
+    h = layers.Conv2D(6, 3, padding="same", activation="relu",
+                      name="class_probabilities")(h)
+    model = keras.Model(inp, cm._head(h), name="rescaled")
+    sub = _subtask(model)
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
+    small, _, _ = cm.check_compact_equals(sub, x)
+    assert small.get_layer("class_probabilities").__class__.__name__ == (
+        "Softmax")
+    assert small.get_layer("scale").scale.shape == (1, 1, 4)
+    np.testing.assert_allclose(small.get_layer("scale").offset,
+                               [.1, .2, .3, .4])
+    # Dissecting and compacting the compact model again works too.
+    civs = cm.civs_from_masks(small, {"relu1_gate": [1, 0, 1, 1]})
+    again = kd.subtask(small, civs, [0, 1], threshold=0.5)
+    cm.check_compact_equals(again, x)

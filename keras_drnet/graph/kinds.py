@@ -155,6 +155,26 @@ class Channelwise(LayerKind):
         return config, [w[kept_out] for w in weights]
 
 
+class PerChannelConstant(Channelwise):
+    """`Rescaling`: `x * scale + offset`, where `scale` and `offset` may
+    hold one value per channel (as the masks `compact` leaves do)."""
+
+    name = "rescaling"
+
+    def slice(self, flat, config, weights, kept_in, kept_out):
+        x = flat.node.input_tensors[0]
+        axis = channel_axis(x, flat.channels_first)
+        for key in ("scale", "offset"):
+            value = np.asarray(getattr(flat.op, key))
+            # The value's axis that broadcasts against the channel axis.
+            own = axis - (len(x.shape) - value.ndim)
+            if value.ndim and own >= 0 and value.shape[own] > 1:
+                config[key] = keras.saving.serialize_keras_object(
+                    np.take(value, kept_out, axis=own)
+                )
+        return config, weights
+
+
 class BatchNorm(Channelwise):
     """`BatchNormalization`: four numbers per channel."""
 
@@ -447,6 +467,7 @@ GATE = Gate()
 CHANNELWISE = Channelwise()
 CHANNELWISE_CONSTANT = Channelwise(keeps_constant=True)
 BATCHNORM = BatchNorm()
+RESCALING = PerChannelConstant()
 DENSE = Dense()
 DEPTHWISE = Depthwise()
 SEPARABLE = Separable()
@@ -511,7 +532,6 @@ _CHANNELWISE = (
     keras.layers.UpSampling1D,
     keras.layers.UpSampling2D,
     keras.layers.UpSampling3D,
-    keras.layers.Rescaling,
 )
 # `keras.ops` calls (not layers) that act elementwise; with one tensor and
 # scalar constants (`x + 3.0`, `ops.relu6(x)`) they are channelwise.
@@ -618,6 +638,8 @@ def kind_of(flat):
     )
     if isinstance(op, keras.layers.BatchNormalization) and len(ins) == 1:
         return BATCHNORM
+    if isinstance(op, keras.layers.Rescaling) and len(ins) == 1 and same:
+        return RESCALING
     if isinstance(op, _CHANNELWISE) and len(ins) == 1 and same and not mixing:
         constant = isinstance(op, _KEEP_CONSTANT)
         return CHANNELWISE_CONSTANT if constant else CHANNELWISE
