@@ -23,8 +23,41 @@ def is_number(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_paired(ds):
+    """Whether `ds` holds `(image, label)` pairs (a 2-tuple of arrays, or a
+    dataset of 2-tuples) rather than images alone; anything else that is
+    not images (other tuples, dicts) is refused here, by name."""
+    if isinstance(ds, tuple):
+        if len(ds) != 2:
+            raise TypeError(
+                "A tuple is read as `(images, labels)`. Received: a tuple of "
+                f"{len(ds)}; pass `(images, labels)` (sample weights are not "
+                "used)."
+            )
+        return True
+    if isinstance(ds, dict):
+        raise TypeError(
+            "Pass images as an array, or `(images, labels)`. Received: a "
+            f"dict with keys {sorted(ds)}."
+        )
+    if isinstance(ds, tf.data.Dataset):
+        spec = ds.element_spec
+        if isinstance(spec, tuple) and len(spec) == 2:
+            return True
+        if not isinstance(spec, tf.TensorSpec):
+            raise ValueError(
+                "A dataset must yield images, or `(image, label)` pairs (as "
+                "`tfds.load(..., as_supervised=True)` gives). Received: "
+                f"element_spec={spec}"
+            )
+    return False
+
+
 def image_batches(images, batch_size, input_shape, dtype):
     """Yields numpy image batches of `batch_size` from an array or dataset."""
+    is_paired(images)  # refuses what is neither images nor pairs
+    if isinstance(images, tuple):
+        images = tf.data.Dataset.from_tensor_slices(images)
     if isinstance(images, tf.data.Dataset):
         spec = images.element_spec
         if isinstance(spec, tuple):
@@ -254,10 +287,7 @@ def class_images(ds, input_shape, num_classes, classes):
     """The images of `classes` in `(image, label)` pairs (dataset or tuple
     of arrays); images alone (array or dataset) are passed through, taken
     to be of those classes."""
-    paired = isinstance(ds, tuple) or (
-        isinstance(ds, tf.data.Dataset) and isinstance(ds.element_spec, tuple)
-    )
-    if not paired:
+    if not is_paired(ds):
         return ds
     return class_elements(ds, input_shape, num_classes, classes).map(
         lambda x, y: x

@@ -1,5 +1,6 @@
 """The smallest sub-task that keeps the full network's accuracy."""
 
+import inspect
 import math
 import time
 import warnings
@@ -132,6 +133,15 @@ def smallest_subtask(
             'arguments with at least "ds", e.g. {"ds": train_ds, "epochs": '
             f"3}}. Received: finetune={finetune!r}"
         )
+    if finetune is not None:
+        known = set(inspect.signature(finetune_subtask).parameters) - {"sub"}
+        unknown = sorted(set(finetune) - known)
+        if unknown:
+            raise ValueError(
+                f"`finetune` has keys {unknown} that `keras_drnet.finetune()`"
+                f" does not take; it takes {sorted(known)}. Received: "
+                f"finetune keys {sorted(finetune)}"
+            )
     if budget_scope not in ("gate", "model", "params"):
         raise ValueError(
             "`budget_scope` must be one of ['gate', 'model', 'params']. "
@@ -264,7 +274,10 @@ def _checked_max_drop(max_drop):
 
 
 def _checked_budgets(budgets):
-    values = [float(b) for b in budgets]
+    many = isinstance(budgets, (list, tuple, np.ndarray))
+    values = [b for b in np.ravel(budgets)] if many else []
+    numbers = all(is_number(b) for b in values)
+    values = [float(b) for b in values] if numbers else []
     in_range = all(0 < b <= 1 for b in values)
     if not values or not in_range or values != sorted(set(values)):
         raise ValueError(

@@ -285,8 +285,13 @@ def _model():
 
         try:
             _LOADED["model"] = keras.models.load_model(FLAGS.model)
-        except (ValueError, OSError) as error:
-            raise UsageError(f"--model={FLAGS.model}: {error}") from None
+        except Exception as error:  # Keras raises many kinds for a bad file
+            first = str(error).strip().splitlines()[0][:200]
+            raise UsageError(
+                f"--model={FLAGS.model} cannot be read as a Keras model "
+                "(a truncated or corrupt .keras file, or another format; "
+                f"Keras says: {first})"
+            ) from None
     return _LOADED["model"]
 
 

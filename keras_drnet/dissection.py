@@ -357,10 +357,14 @@ def dissect(
             stacklevel=2,
         )
     if civs.missing:
+        why = ["none was found"]
+        if on_top1_change == "exclude":
+            why.append("`on_top1_change='exclude'` excluded them all")
+        why.append("their scores were NaN (does the model give NaN or inf?)")
         warnings.warn(
-            f"No image was averaged for classes {civs.missing} (none was "
-            "found, or `on_top1_change='exclude'` excluded them all): their "
-            "CIVs are missing (NaN) and sub-tasks cannot use them.",
+            f"No image was averaged for classes {civs.missing} "
+            f"({', or '.join(why)}): their CIVs are missing (NaN) and "
+            "sub-tasks cannot use them.",
             stacklevel=2,
         )
     return civs

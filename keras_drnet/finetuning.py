@@ -9,6 +9,7 @@ from keras import ops
 
 from keras_drnet.batching import check_image_shape
 from keras_drnet.batching import is_int
+from keras_drnet.batching import is_paired
 from keras_drnet.batching import is_number
 from keras_drnet.batching import labelled_elements
 from keras_drnet.batching import model_input_shape
@@ -351,9 +352,7 @@ def _elements(sub, ds, columns, keep_all):
     """Unbatched `(image, column)` elements, column -1 where none; and
     whether `ds` had labels."""
     input_shape, _ = model_input_shape(sub.gated_model)
-    paired = (isinstance(ds, tuple) and len(ds) == 2) or (
-        isinstance(ds, tf.data.Dataset) and isinstance(ds.element_spec, tuple)
-    )
+    paired = is_paired(ds)
     if paired:
         position = np.full(sub.civs.num_classes, -1, "int64")
         position[columns] = np.arange(len(columns))

@@ -3,6 +3,7 @@ the mistake and the fix, checked by its message."""
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import _subtask_models as sm
 import keras_drnet as kd
@@ -395,3 +396,33 @@ def test_mobilenet_v3_reports_and_compacts_through_its_constant_ops():
                            rel=1e-4)
     conv = "expanded_conv_squeeze_excite_conv_1"
     assert small_logits.get_layer(conv).filters < model.get_layer(conv).filters
+
+
+@pytest.mark.parametrize("form", ["xyw", "xyw_dataset", "dict_dataset",
+                                  "dict"])
+@pytest.mark.parametrize("call", ["dissect", "calibrate", "finetune",
+                                  "repair", "evaluate", "cdrp"])
+def test_data_that_is_neither_images_nor_pairs_is_named(setup, form, call):
+    model, civs, _ = setup
+    x = sm.images(np.random.default_rng(0), 10)
+    y, w = np.arange(10) % 5, np.ones(10)
+    data = {
+        "xyw": (x, y, w),
+        "xyw_dataset": tf.data.Dataset.from_tensor_slices((x, y, w)),
+        "dict_dataset": tf.data.Dataset.from_tensor_slices(
+            {"image": x, "label": y}),
+        "dict": {"image": x},
+    }[form]
+    sub = kd.subtask(model, civs, ["cat", "dog"], budget=0.5)
+    run = {
+        "dissect": lambda d: kd.dissect(model, d, samples_per_class=1,
+                                        method="activation", verbose=0),
+        "calibrate": lambda d: sub.calibrate(d),
+        "finetune": lambda d: kd.finetune(sub, d, verbose=0),
+        "repair": lambda d: kd.repair(sub, d),
+        "evaluate": lambda d: kd.evaluate_subtask(sub, d),
+        "cdrp": lambda d: kd.cdrp(model, d),
+    }[call]
+    with pytest.raises((TypeError, ValueError),
+                       match=r"\(image, label\)|\(images, labels\)"):
+        run(data)

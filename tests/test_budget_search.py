@@ -182,3 +182,16 @@ def test_non_finite_validation_images_are_refused(case):
     sub = kd.subtask(model, civs, ["cat", "dog"], budget=0.5)
     with pytest.raises(ValueError, match="images with NaN or inf values"):
         kd.evaluate_subtask(sub, (bad, y))
+
+
+def test_budgets_as_a_string_and_misspelled_finetune_keys_are_refused(case):
+    model, civs, x, y, _ = case
+    with pytest.raises(ValueError, match="`budgets` must be increasing "
+                       "fractions in \\(0, 1\\].*Received: budgets=0.5"):
+        kd.smallest_subtask(model, civs, ["cat", "dog"], budgets="0.5",
+                            validation_data=(x, y), verbose=0)
+    with pytest.raises(ValueError, match=r"`finetune` has keys \['epoch'\] "
+                       "that `keras_drnet.finetune\\(\\)` does not take"):
+        kd.smallest_subtask(model, civs, ["cat", "dog"],
+                            validation_data=(x, y), verbose=0,
+                            finetune={"ds": (x, y), "epoch": 1})

@@ -291,3 +291,13 @@ def test_stray_words_and_bad_paths_are_refused_before_any_work(
         capsys, *sub, data, "--finetune_epochs=1",
         f"--validation={tmp_path / 'cats.npz'}", f"--out={out}")
     assert not out.exists()
+
+
+def test_a_truncated_model_file_is_named_as_such(files, capsys, tmp_path):
+    folder, _, _, _ = files
+    truncated = tmp_path / "m.keras"
+    truncated.write_bytes((folder / "m.keras").read_bytes()[:500])
+    err = _error(capsys, "dissect", f"--model={truncated}",
+                 f"--data={folder / 'data.npz'}",
+                 f"--out={tmp_path / 'c.npz'}")
+    assert "cannot be read as a Keras model (a truncated or corrupt" in err
