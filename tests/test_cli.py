@@ -301,3 +301,11 @@ def test_a_truncated_model_file_is_named_as_such(files, capsys, tmp_path):
                  f"--data={folder / 'data.npz'}",
                  f"--out={tmp_path / 'c.npz'}")
     assert "cannot be read as a Keras model (a truncated or corrupt" in err
+
+
+def test_an_unknown_dataset_is_one_short_line(files, capsys, tmp_path):
+    folder, _, _, _ = files
+    err = _error(capsys, "dissect", f"--model={folder / 'm.keras'}",
+                 "--dataset=no_such_dataset", f"--out={tmp_path / 'c.npz'}")
+    assert "--dataset=no_such_dataset --split=train:" in err
+    assert len(err) < 400

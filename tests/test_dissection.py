@@ -656,6 +656,18 @@ def test_a_dataset_changed_after_its_first_elements_is_refused_on_resume(
     assert again.counts.sum() == 2 * len(NAMES)
 
 
+def test_a_model_giving_nan_is_named_as_the_reason_classes_are_missing(
+        data, xy):
+    broken = dm.copy_of(data["model"])
+    kernel = broken.get_layer("head").kernel
+    kernel.assign(np.full(kernel.shape, np.inf, "float32"))
+    with pytest.warns(UserWarning, match="none was found, or their scores "
+                      "were NaN") as record:
+        kd.dissect(broken, xy, samples_per_class=1, method="taylor",
+                   verbose=0)
+    assert not any("exclude" in str(w.message) for w in record)
+
+
 # ---------------------------------------------------------------------------
 # tf.distribute.
 # ---------------------------------------------------------------------------
