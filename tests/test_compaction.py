@@ -571,7 +571,8 @@ def x8():
 def _feature_sub(features, name, budget, seed=0):
     model = features[name]
     civs = cm.hand_civs(model, np.random.default_rng(seed))
-    return kd.subtask(model, civs, ["c3", "c1"], budget=budget)
+    return kd.subtask(model, civs, ["c3", "c1"], budget=budget,
+                      budget_scope="model")
 
 
 @pytest.mark.parametrize("budget", [0.4, 0.7])

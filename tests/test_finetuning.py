@@ -106,7 +106,7 @@ def distilled():
     civs = sm.hand_civs(model, np.random.default_rng(1))
     x, y = labelled(seed=1)
     sub = kd.subtask(model, civs, ["dog", "cat"], budget=0.6,
-                     calibrate=(x, y))
+                     budget_scope="model", calibrate=(x, y))
     return sub, sm.bn_chain()
 
 
