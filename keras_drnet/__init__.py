@@ -1,42 +1,108 @@
-"""keras_drnet: DRNet (dissect and reconstruct ConvNets) for Keras 3."""
+"""keras_drnet: DRNet (dissect and reconstruct ConvNets) for Keras 3.
 
-from keras_drnet import model_surgery
-from keras_drnet.allocation import allocate_budget
-from keras_drnet.budget_search import smallest_subtask
-from keras_drnet.calibration import calibrate_batchnorm
-from keras_drnet.calibration import fill_closed_channels
-from keras_drnet.channel_gate import ChannelGate
-from keras_drnet.civ import CIVs
-from keras_drnet.compaction import compact
-from keras_drnet.dissection import dissect
-from keras_drnet.export import export
-from keras_drnet.export import read_class_names
-from keras_drnet.finetuning import finetune
-from keras_drnet.gate_fitting import CDRP
-from keras_drnet.gate_fitting import GateFitter
-from keras_drnet.gate_fitting import cdrp
-from keras_drnet.graph import LayerKind
-from keras_drnet.graph import register_layer_kind
-from keras_drnet.model_surgery import inject_gates
-from keras_drnet.model_surgery import list_gates
-from keras_drnet.reconstruction import CCIV
-from keras_drnet.reconstruction import combine
-from keras_drnet.repair import repair
-from keras_drnet.reporting import SubtaskReport
-from keras_drnet.reporting import evaluate_subtask
-from keras_drnet.selection import Selection
-from keras_drnet.serving import export_dynamic
-from keras_drnet.subtask import SubtaskModel
-from keras_drnet.subtask import subtask
+The public names load on first use (PEP 562): `import keras_drnet` costs
+nothing, so the command line answers `--help` before TensorFlow starts;
+`keras_drnet.dissect` (or any other name) imports what it needs then.
+"""
 
-__version__ = "0.1.0"
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
-__all__ = [
-    "CCIV", "CDRP", "CIVs", "ChannelGate", "GateFitter", "LayerKind", "Selection",
-    "SubtaskModel",
-    "SubtaskReport", "allocate_budget", "calibrate_batchnorm", "cdrp",
-    "combine", "compact", "dissect", "evaluate_subtask", "export",
-    "export_dynamic", "fill_closed_channels", "finetune", "inject_gates",
-    "list_gates", "model_surgery", "read_class_names", "register_layer_kind",
-    "repair", "smallest_subtask", "subtask",
-]
+__version__ = "0.2.0"
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "allocate_budget": "allocation",
+    "smallest_subtask": "budget_search",
+    "calibrate_batchnorm": "calibration",
+    "fill_closed_channels": "calibration",
+    "ChannelGate": "channel_gate",
+    "CIVs": "civ",
+    "compact": "compaction",
+    "dissect": "dissection",
+    "export": "export",
+    "read_class_names": "export",
+    "finetune": "finetuning",
+    "CDRP": "gate_fitting",
+    "GateFitter": "gate_fitting",
+    "cdrp": "gate_fitting",
+    "LayerKind": "graph",
+    "register_layer_kind": "graph",
+    "inject_gates": "model_surgery",
+    "list_gates": "model_surgery",
+    "CCIV": "reconstruction",
+    "combine": "reconstruction",
+    "repair": "repair",
+    "SubtaskReport": "reporting",
+    "evaluate_subtask": "reporting",
+    "Selection": "selection",
+    "export_dynamic": "serving",
+    "SubtaskModel": "subtask",
+    "subtask": "subtask",
+}
+_MODULES = {"model_surgery"}
+
+__all__ = sorted(_EXPORTS) + sorted(_MODULES)
+
+
+def __getattr__(name):
+    if name in _MODULES:
+        value = importlib.import_module(f"keras_drnet.{name}")
+    elif name in _EXPORTS:
+        module = importlib.import_module(f"keras_drnet.{_EXPORTS[name]}")
+        value = getattr(module, name)
+    else:
+        raise AttributeError(f"module 'keras_drnet' has no attribute {name!r}")
+    _register_with_keras()
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def _register_with_keras():
+    """Imports the modules that register the package's Keras classes, so
+    that `keras.models.load_model` finds `SubtaskModel`, `ChannelGate` and
+    `GateFitter` in files that hold them."""
+    importlib.import_module("keras_drnet.subtask")
+    importlib.import_module("keras_drnet.gate_fitting")
+
+
+class _AfterKeras(importlib.abc.MetaPathFinder):
+    """Registers the package's classes once Keras is imported, whoever
+    imports it: `import keras_drnet` stays free, and a file loaded with
+    `keras.models.load_model` right after it still finds them."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "keras":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("keras")
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            # Inside one of our own imports (`kd.dissect` importing its
+            # module) the half-imported module cannot be used yet;
+            # `__getattr__` registers once that import is done.
+            if not any(
+                getattr(getattr(m, "__spec__", None), "_initializing", False)
+                for n, m in list(sys.modules.items())
+                if n.startswith("keras_drnet.")
+            ):
+                _register_with_keras()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "keras" in sys.modules:
+    _register_with_keras()
+else:
+    sys.meta_path.insert(0, _AfterKeras())
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

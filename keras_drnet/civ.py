@@ -9,10 +9,8 @@ import os
 import tempfile
 import zipfile
 
-import keras
 import numpy as np
 
-from keras_drnet.model_surgery import list_gates
 
 # 3: the checksum also covers the metadata; 2: it covers the arrays only.
 _FORMAT_VERSION = 3
@@ -30,6 +28,10 @@ class LayoutEntry:
 
 def gate_layout(gated_model):
     """The CIV layout of a gated model, in `list_gates()` order."""
+    # Imported here: reading a CIVs file needs neither Keras nor TensorFlow
+    # (the command line checks class names before loading the model).
+    from keras_drnet.model_surgery import list_gates
+
     return tuple(
         LayoutEntry(spec.name, spec.source, spec.channels)
         for spec in list_gates(gated_model)
@@ -43,6 +45,10 @@ def model_fingerprint(model):
     model (or on the same architecture with other weights). Gate values are
     left out: a gated copy has the fingerprint of its original.
     """
+    import keras
+
+    from keras_drnet.model_surgery import list_gates
+
     gate_weights = {id(spec.layer.gate) for spec in list_gates(model)}
     digest = hashlib.sha256()
     for weight in model.weights:

@@ -296,9 +296,14 @@ def _model():
 
 
 def _civs():
-    import keras_drnet as kd
+    from keras_drnet.civ import CIVs
 
-    return kd.CIVs.load(FLAGS.civs)
+    civs = CIVs.load(FLAGS.civs)
+    # Class names are checked before TensorFlow starts (`index` raises
+    # with the closest name).
+    for name in FLAGS.classes or []:
+        civs.index(name)
+    return civs
 
 
 def dissect():
@@ -366,13 +371,13 @@ def subtask():
     import numpy as np
 
     import keras_drnet as kd
-    from keras_drnet.reporting import compact_accuracy
 
-    model, civs = _model(), _civs()
+    civs = _civs()
     chosen = [FLAGS.budget, FLAGS.threshold, FLAGS.max_drop]
     if sum(v is not None for v in chosen) != 1:
         raise UsageError("Pass exactly one of --budget, --threshold or "
                          "--max_drop (with --validation).")
+    model = _model()
     if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
         raise UsageError(f"--out={FLAGS.out} is a file; the sub-task is "
                          "written to a folder: pass another path.")
@@ -419,6 +424,8 @@ def subtask():
         evaluated.plot(os.path.join(FLAGS.out, "running_channels.png"))
         report.update(_report_dict(evaluated))
         if FLAGS.finetune_epochs or FLAGS.repair:
+            from keras_drnet.reporting import compact_accuracy
+
             batches = sub.live_elements(validation).batch(1024)
             images, labels = zip(*batches.as_numpy_iterator())
             accuracy = compact_accuracy(small, civs.class_names,
@@ -455,8 +462,9 @@ def report():
     import keras_drnet as kd
 
     civs = _civs()
+    model = _model()
     ds = _data(FLAGS.data or FLAGS.split or "test", civs.class_names)[0]
-    sub = _subtask(_model(), civs)
+    sub = _subtask(model, civs)
     print(kd.evaluate_subtask(sub, ds))
 
 
@@ -489,8 +497,20 @@ _HANDLERS = {"dissect": dissect, "subtask": subtask, "report": report,
              "similarity": similarity}
 
 
+def _quiet():
+    """Only the package's own lines and real errors: TensorFlow's start-up
+    chatter (C++ logs, absl warnings) is off unless --verbosity >= 1."""
+    if FLAGS.verbosity >= 1:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)
+
+
 def _main(argv):
     name = argv[1]
+    _quiet()
     if len(argv) > 2:
         raise UsageError(
             f"Unexpected arguments: {' '.join(argv[2:])}. Flags are written "
@@ -512,6 +532,11 @@ def run(argv=None):
     if command in (None, "-h", "--help", "help"):
         print(_usage() + "\n\n`keras-drnet COMMAND --help` for its flags.")
         return 0 if command else 2
+    if command == "--version":
+        from keras_drnet import __version__
+
+        print(f"keras-drnet {__version__}")
+        return 0
     if command not in _COMMANDS:
         print(f"keras-drnet: unknown command {command!r}; one of "
               f"{', '.join(_COMMANDS)}.", file=sys.stderr)

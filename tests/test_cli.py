@@ -309,3 +309,28 @@ def test_an_unknown_dataset_is_one_short_line(files, capsys, tmp_path):
                  "--dataset=no_such_dataset", f"--out={tmp_path / 'c.npz'}")
     assert "--dataset=no_such_dataset --split=train:" in err
     assert len(err) < 400
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"], ["--version"], ["subtask", "--help"],
+    ["subtask", "--model=m.keras", "--civs=civs.npz", "--classes=cat,dgo",
+     "--budget=0.5", "--out=o"],
+])
+def test_help_version_and_a_bad_class_answer_without_tensorflow(
+        files, tmp_path, args):
+    folder, _, _, _ = files
+    (tmp_path / "m.keras").write_bytes(b"")  # never read: the class is bad
+    kd.CIVs.load(folder / "own_civs.npz").save(tmp_path / "civs.npz")
+    code = ("import sys; from keras_drnet import cli; "
+            f"code = cli.run(['keras-drnet', *{args!r}]); "
+            "print('tensorflow' in sys.modules, code)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.stdout.split()[-2:] == ["False",
+                                        "2" if "dgo" in str(args) else "0"]
+    if "dgo" in str(args):
+        assert done.stderr.strip() == (
+            "keras-drnet subtask: Unknown class name 'dgo'. Known classes: "
+            "['cat', 'dog', 'bird', 'frog', 'ship']. Did you mean 'dog'?")
+    if args == ["--version"]:
+        assert done.stdout.startswith(f"keras-drnet {kd.__version__}")
