@@ -9,6 +9,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 
 __version__ = "0.2.0"
 
@@ -97,6 +98,19 @@ class _AfterKeras(importlib.abc.MetaPathFinder):
         spec.loader.exec_module = exec_then_register
         return spec
 
+
+class _Namespace(types.ModuleType):
+    """The package: importing its module `subtask` (or `repair`, `export`)
+    must not replace the function of that name, as Python's import system
+    would by setting the module as an attribute of the package."""
+
+    def __setattr__(self, name, value):
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Namespace
 
 if "keras" in sys.modules:
     _register_with_keras()

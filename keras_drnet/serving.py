@@ -1,5 +1,7 @@
 """One SavedModel that serves any sub-task, chosen per request."""
 
+import re
+
 import tensorflow as tf
 
 from keras_drnet.channel_gate import per_sample_gates
@@ -59,8 +61,10 @@ def export_dynamic(
         filepath: str, the SavedModel directory.
         threshold, budget, budget_scope, empty_gates: the fields of a
             `keras_drnet.Selection` (method `"union"`).
-        subtasks: optional dict `{name: SubtaskModel}` of sub-tasks of the
-            same model.
+        subtasks: optional sub-tasks of the same model to bundle: a list
+            (each named by its classes, e.g. `"cat-dog"`) or a dict
+            `{name: SubtaskModel}`. A name made of class names must name
+            the sub-task's own classes.
         verbose: bool, whether Keras prints what it writes.
         selection: a `keras_drnet.Selection` (method `"union"`), instead
             of the keywords.
@@ -69,7 +73,7 @@ def export_dynamic(
 
     ```python
     keras_drnet.export_dynamic(model, civs, "drnet_served", budget=0.33,
-                               subtasks={"cat-dog": cat_dog_sub})
+                               subtasks=[cat_dog_sub])  # named "cat-dog"
     served = tf.saved_model.load("drnet_served")
     classes = tf.constant([0, 0, 0, 1, 0, 1, 0, 0, 0, 0])  # cat, dog
     served.serve(images, classes)
@@ -87,17 +91,7 @@ def export_dynamic(
             f"Received: selection={selection}"
         )
     selection.check_layout(civs.layout)
-    subtasks = dict(subtasks or {})
-    for name, sub in subtasks.items():
-        if not isinstance(sub, SubtaskModel) or sub.civs.fingerprint != (
-            civs.fingerprint
-        ):
-            raise ValueError(
-                "`subtasks` maps names to `SubtaskModel`s built from this "
-                f"model and CIVs. Received: {name!r}: {type(sub).__name__}"
-                + (" of another model" if isinstance(sub, SubtaskModel)
-                   else "")
-            )
+    subtasks = _named_subtasks(subtasks, civs)
     logits_model, _ = split_softmax(gated_model)
     gates = [spec.layer for spec in list_gates(gated_model)]
     sizes = [gate.channels for gate in gates]
@@ -163,3 +157,40 @@ def export_dynamic(
         verbose,
     )
     return filepath
+
+
+def _named_subtasks(subtasks, civs):
+    """`subtasks` as `{name: SubtaskModel}`, every one checked."""
+    if subtasks is None:
+        return {}
+    if isinstance(subtasks, (list, tuple)):
+        subtasks = {"-".join(getattr(sub, "live_class_names", ["?"])): sub
+                    for sub in subtasks}
+    if not isinstance(subtasks, dict):
+        raise TypeError(
+            "`subtasks` must be a list of `SubtaskModel`s or a dict "
+            f"`{{name: SubtaskModel}}`. Received: {type(subtasks).__name__}"
+        )
+    for name, sub in subtasks.items():
+        if not isinstance(sub, SubtaskModel) or sub.civs.fingerprint != (
+            civs.fingerprint
+        ):
+            raise ValueError(
+                "`subtasks` maps names to `SubtaskModel`s built from this "
+                f"model and CIVs. Received: {name!r}: {type(sub).__name__}"
+                + (" of another model" if isinstance(sub, SubtaskModel)
+                   else "")
+            )
+        # A name that lists classes must list this sub-task's: a sub-task
+        # switched with `set_classes` after it was named would answer for
+        # other classes under the old name.
+        words = [w for w in re.split(r"[-+,/_\s]+|\bvs\b", str(name)) if w]
+        if words and all(w in civs.class_names for w in words) and set(
+            words
+        ) != set(sub.live_class_names):
+            raise ValueError(
+                f"Sub-task {name!r} runs classes {sub.live_class_names}, not "
+                f"{words} (was `set_classes` called after naming it?). Name "
+                "it after its classes, or pass a list to name them for you."
+            )
+    return subtasks

@@ -124,3 +124,25 @@ def test_a_class_without_a_civ_is_refused_per_request(tmp_path):
     np.testing.assert_allclose(
         served.serve(x, tf.constant(_hot(["cat", "dog"]))),
         kd.subtask(model, civs, ["cat", "dog"], budget=0.5)(x), atol=1e-6)
+
+
+def test_bundled_names_must_name_the_subtasks_classes(setup, tmp_path):
+    model, civs, x, named, _ = setup
+    other = kd.subtask(model, civs, ["cat", "dog"], budget=0.5)
+    other.set_classes(["bird", "ship"])  # named before, switched after
+    with pytest.raises(ValueError, match=r"Sub-task 'cat-dog' runs classes "
+                       r"\['bird', 'ship'\], not \['cat', 'dog'\]"):
+        kd.export_dynamic(model, civs, str(tmp_path / "a"), budget=0.5,
+                          subtasks={"cat-dog": other})
+    # A list names each after its classes; free names are left alone.
+    path = str(tmp_path / "b")
+    kd.export_dynamic(model, civs, path, budget=0.5,
+                      subtasks=[other, named])
+    served = tf.saved_model.load(path)
+    assert [n.decode() for n in served.subtask_names().numpy()] == [
+        "bird-ship", "cat-dog"]
+    np.testing.assert_allclose(
+        served.serve_named(tf.constant(x), tf.constant("bird-ship")),
+        other(x), atol=1e-6)
+    kd.export_dynamic(model, civs, str(tmp_path / "c"), budget=0.5,
+                      subtasks={"pets": named})
