@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from keras import layers
 
 import _compaction_models as cm
+from _readme import readme_blocks
 import keras_drnet as kd
 from keras_drnet.compaction import build_compact
 
@@ -202,20 +203,6 @@ def test_bad_input_is_refused_before_any_work(trained):
         kd.repair(sub, trained["x"], positions=0)
 
 
-def _readme_blocks(after, count):
-    """The first `count` python code blocks of README.md after `after`."""
-    text = open(os.path.join(os.path.dirname(__file__), "..",
-                             "README.md")).read()
-    text = text[text.index(after):]
-    blocks = []
-    while len(blocks) < count:
-        start = text.index("```python\n") + len("```python\n")
-        end = text.index("```", start)
-        blocks.append(text[start:end])
-        text = text[end + 3:]
-    return blocks
-
-
 @pytest.mark.slow
 def test_readme_recommended_path_runs_as_written(trained, tmp_path,
                                                  monkeypatch):
@@ -232,7 +219,7 @@ def test_readme_recommended_path_runs_as_written(trained, tmp_path,
         "train": tf.data.Dataset.from_tensor_slices((x, y)),
         "test": tf.data.Dataset.from_tensor_slices((x_test, y_test)),
     }
-    recommended, search = _readme_blocks("**The recommended path", 2)
+    recommended, search = readme_blocks("**The recommended path", 2)
     exec(recommended, scope)
     small = scope["small"]
     assert small.class_names == ["cat", "dog"]
