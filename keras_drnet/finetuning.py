@@ -1,6 +1,7 @@
 """A short fine-tune of a compacted sub-task, from labels or a teacher."""
 
 import math
+import sys
 
 import keras
 import numpy as np
@@ -170,7 +171,9 @@ def finetune(
             `compact(sub)`: frozen, its statistics made the VGG16 collapse
             to one class in one epoch (cat-horse at learning rate 0.01,
             cat-dog at 0.001), so leave `start=None` for that one.
-        verbose: passed to `Model.fit()`; 0 is silent.
+        verbose: passed to `Model.fit()`; 0 is silent. Where the output
+            is not a terminal (a log file), "auto" and 1 print one line per
+            epoch instead of a progress bar.
 
     Returns:
         The fine-tuned compact model (see `keras_drnet.compact()`): outputs
@@ -274,7 +277,10 @@ def finetune(
         batches.prefetch(2),
         epochs=int(epochs),
         shuffle=False,  # done by the dataset
-        verbose=verbose,
+        # Keras's bar redraws a line with `\r` and ANSI codes: fine on a
+        # terminal, noise in a log file, which gets one line per epoch.
+        verbose=2 if verbose in ("auto", 1) and not sys.stdout.isatty()
+        else verbose,
     )
     for layer in frozen:
         layer.trainable = True

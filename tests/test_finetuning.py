@@ -280,3 +280,11 @@ def test_non_finite_images_and_bad_sizes_are_refused_before_training(sub):
         with pytest.raises(ValueError, match=f"`{name}` must be a positive "
                            f"int. Received: {name}=0"):
             kd.finetune(sub, labelled(), epochs=1, verbose=0, **{name: 0})
+
+
+def test_a_log_file_gets_lines_not_a_progress_bar(sub, capfd):
+    # pytest's captured output is not a terminal, as a log file is not.
+    kd.finetune(sub, labelled(), epochs=2)
+    out = capfd.readouterr().out
+    assert "\r" not in out and "\x1b[" not in out
+    assert out.count("Epoch ") == 2
