@@ -123,7 +123,13 @@ def _predictions(sub, dtype):
     # TensorFlow runs NCHW convolutions on CPU only when compiled with XLA.
     channels_first = Graph(full_logits).channels_first
 
-    @tf.function(jit_compile=channels_first or None)
+    # One trace per sub-task, whatever the batch sizes (a search builds a
+    # sub-task per candidate: a trace per batch shape would make TensorFlow
+    # warn about retracing).
+    input_shape, _ = model_input_shape(sub.gated_model)
+    spec = tf.TensorSpec((None,) + tuple(input_shape[1:]), dtype)
+
+    @tf.function(jit_compile=channels_first or None, input_signature=[spec])
     def predict(images):
         images = ops.cast(images, dtype)
         batch = ops.shape(images)[0]
@@ -181,7 +187,7 @@ def evaluate_subtask(sub, ds, batch_size=256):
                 f"sub-task's classes {sub.live_class_names}: accuracies on "
                 "them would mean nothing. Drop or fix them."
             )
-        full, reduced = predict(images)
+        full, reduced = predict(tf.cast(images, dtype))
         labels = labels.numpy()
         full_correct += int((full.numpy() == labels).sum())
         sub_correct += int((reduced.numpy() == labels).sum())
