@@ -201,10 +201,12 @@ def inject_gates(model, select="all"):
     gated = _inject(model, select)
     ungated = _ungated_activations(model)
     if ungated and list_gates(gated):
-        kinds = ", ".join(f"{name} ({n})" for name, n in sorted(ungated.items()))
+        kinds = ", ".join(
+            f"{n} {name} channels" for name, n in sorted(ungated.items())
+        )
         warnings.warn(
             f"Model '{model.name}' also has activations that DRNet does not "
-            f"gate: {kinds} channels, by activation. Only ReLU channels get "
+            f"gate: {kinds}. Only ReLU channels get "
             "a gate; these always run, so CIVs, sub-tasks and compaction "
             "leave them whole.",
             stacklevel=2,
