@@ -357,4 +357,9 @@ def smallest(model, civs, train, test, names):
 
 
 if __name__ == "__main__":
+    if {"-h", "--help", "--helpshort", "--helpfull"} & set(sys.argv[1:]):
+        # absl exits 1 after help; help asked for is a success.
+        flags.FLAGS(sys.argv[:1], known_only=True)
+        print(flags.FLAGS.main_module_help())
+        sys.exit(0)
     app.run(main)
