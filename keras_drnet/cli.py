@@ -437,7 +437,8 @@ def subtask():
                   f"{accuracy:.2%}")
     report.update({"classes": small.class_names,
                    "compact_params": small.count_params(),
-                   "model_params": model.count_params()})
+                   "model_params": model.count_params(),
+                   "settings": _settings(civs)})
     kd.export(small, os.path.join(FLAGS.out, "model.keras"), format="keras")
     kd.export(small, os.path.join(FLAGS.out, "saved_model"),
               format="tf_saved_model")
@@ -445,10 +446,35 @@ def subtask():
         kd.export(small, os.path.join(FLAGS.out, "model.tflite"),
                   format="litert")
     with open(os.path.join(FLAGS.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=float)
+        json.dump(_rounded(report), f, indent=2, default=float)
     print(f"Wrote {FLAGS.out}: model.keras, saved_model/"
           + (", model.tflite" if FLAGS.tflite else "") + ", report.json; "
           f"{small.count_params():,} of {model.count_params():,} params.")
+
+
+def _settings(civs):
+    """Everything that made this sub-task, so that it can be rebuilt."""
+    from keras_drnet import __version__
+
+    names = ("classes", "budget", "budget_scope", "threshold", "max_drop",
+             "calibrate", "repair", "finetune_epochs", "data", "dataset",
+             "split", "validation", "rescale")
+    return {**{n: FLAGS[n].value for n in names},
+            "civs_method": civs.config.get("method", "cdrp"),
+            "model_fingerprint": civs.fingerprint,
+            "keras_drnet_version": __version__}
+
+
+def _rounded(value):
+    """Floats to 4 significant decimals (accuracies, fractions): a report
+    for people, not 0.3295454680919647."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}") if abs(value) < 1 else round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def _report_dict(report):

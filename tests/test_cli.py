@@ -74,6 +74,14 @@ def test_dissect_then_subtask_end_to_end(files):
     assert report["classes"] == ["cat", "dog"]
     assert report["compact_params"] == small.count_params()
     assert report["images"] == 16
+    settings = report["settings"]
+    assert settings["classes"] == ["cat", "dog"] and settings["budget"] == 0.5
+    assert settings["budget_scope"] == "gate"
+    assert settings["keras_drnet_version"] == kd.__version__
+    assert settings["model_fingerprint"] == civs.fingerprint
+    # Rounded for people: no 0.3295454680919647.
+    assert all(len(repr(v)) <= 7 for v in report.values()
+               if isinstance(v, float)), report
     assert (out / "running_channels.png").stat().st_size > 1000
 
 
