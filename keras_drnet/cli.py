@@ -5,6 +5,7 @@
         --budget=0.33 --out=cat_dog/
     keras-drnet report --model=m.keras --civs=civs.npz --classes=cat,dog \\
         --budget=0.33 --dataset=cifar10 --split=test
+    keras-drnet report --subtask=cat_dog/ --dataset=cifar10
     keras-drnet similarity --civs=civs.npz --out=similarity.png
 
 `keras-drnet COMMAND --help` lists a command's flags. A user error prints
@@ -66,6 +67,10 @@ for _define, _name, _default, _help in [
      "sub-task's images of the data (after --repair: from the repaired "
      "model)."),
     (_B, "tflite", False, "Also write model.tflite."),
+    (_S, "subtask", None, "Instead of --civs/--classes/--budget: a folder "
+     "written by `subtask --out`, whose model (calibrated, repaired or "
+     "fine-tuned as it was built) is reported; --model and --rescale "
+     "default to the ones it was built with."),
     (_I, "verbosity", 0, "1 shows the Python traceback of an error."),
 ]:
     _define(_name, _default, _help, flag_values=FLAGS)
@@ -88,8 +93,8 @@ _COMMANDS = {
     "report": (
         "Accuracy and running/compact sizes of a sub-task on test data.",
         ["model", "civs", "classes", "budget", "budget_scope", "threshold",
-         "dataset", "split", "data", "rescale"],
-        ["model", "civs", "classes"],
+         "subtask", "dataset", "split", "data", "rescale"],
+        [],  # --model, --civs and --classes, or --subtask: see report()
     ),
     "similarity": (
         "The class-similarity heat map of a CIVs file (paper Fig. 8).",
@@ -131,9 +136,14 @@ def _check_flags(name):
                              f"{name} --help`.")
     stray = [f for f in _COMMANDS_FLAGS - set(names) if FLAGS[f].present]
     if stray:
+        hint = ""
+        if name == "report" and {"calibrate", "repair",
+                                 "finetune_epochs"} & set(stray):
+            hint = (" To report a sub-task as `subtask` built it, pass the "
+                    "folder it wrote: --subtask=DIR.")
         raise UsageError(
-            f"`{name}` does not take --{', --'.join(sorted(stray))}. See "
-            f"`keras-drnet {name} --help`."
+            f"`{name}` does not take --{', --'.join(sorted(stray))}.{hint} "
+            f"See `keras-drnet {name} --help`."
         )
     for flag in ("model", "civs"):
         path = FLAGS[flag].value
@@ -460,6 +470,8 @@ def _settings(civs):
              "calibrate", "repair", "finetune_epochs", "data", "dataset",
              "split", "validation", "rescale")
     return {**{n: FLAGS[n].value for n in names},
+            "model": os.path.abspath(FLAGS.model),
+            "model_class_names": civs.class_names,
             "civs_method": civs.config.get("method", "cdrp"),
             "model_fingerprint": civs.fingerprint,
             "keras_drnet_version": __version__}
@@ -487,11 +499,90 @@ def _report_dict(report):
 def report():
     import keras_drnet as kd
 
+    if FLAGS.subtask is not None:
+        return _report_folder(FLAGS.subtask)
+    for flag in ("model", "civs", "classes"):
+        if FLAGS[flag].value is None:
+            raise UsageError(f"`report` needs --{flag} (or --subtask=DIR, a "
+                             "folder written by `subtask`). See "
+                             "`keras-drnet report --help`.")
     civs = _civs()
     model = _model()
     ds = _data(FLAGS.data or FLAGS.split or "test", civs.class_names)[0]
     sub = _subtask(model, civs)
     print(kd.evaluate_subtask(sub, ds))
+
+
+def _report_folder(folder):
+    """Reports the model a `subtask --out` folder holds, against the full
+    network on the same images: what `subtask` built, calibration, repair
+    and fine-tuning included, without rebuilding it."""
+    import keras
+    import numpy as np
+
+    from keras_drnet.civ import model_fingerprint
+
+    given = [f for f in ("civs", "classes", "budget", "threshold",
+                         "budget_scope") if FLAGS[f].present]
+    if given:
+        raise UsageError(
+            f"--subtask={folder} brings its own settings (in its "
+            f"report.json): drop --{', --'.join(given)}."
+        )
+    path = os.path.join(folder, "report.json")
+    try:
+        with open(path) as f:
+            settings = json.load(f)["settings"]
+        names = settings["model_class_names"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(
+            f"--subtask={folder}: no readable report.json with the sub-task's "
+            "settings; pass a folder written by `keras-drnet subtask --out` "
+            "(version 0.2.0 or later)."
+        ) from None
+    for flag in ("model", "rescale", "dataset"):
+        # The settings it was built with, unless overridden.
+        if not FLAGS[flag].present and settings.get(flag) is not None:
+            FLAGS[flag].value = settings[flag]
+    if FLAGS.model is None or not os.path.exists(FLAGS.model):
+        raise UsageError(f"The full model of --subtask={folder} "
+                         f"({FLAGS.model}) is not there: pass --model.")
+    model = _model()
+    if model_fingerprint(model) != settings["model_fingerprint"]:
+        raise UsageError(f"--model={FLAGS.model} is not the model the "
+                         f"sub-task in {folder} was built from.")
+    small = keras.models.load_model(os.path.join(folder, "model.keras"))
+    from keras_drnet.export import read_class_names
+
+    classes = read_class_names(os.path.join(folder, "model.keras"))
+    columns = np.array([names.index(n) for n in classes])
+    ds = _data(FLAGS.data or FLAGS.split or "test", names)[0]
+    images, labels = [], []
+    for x, y in ds.batch(1024).as_numpy_iterator():
+        keep = np.isin(y, columns)
+        images.append(x[keep])
+        labels.append(y[keep])
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    missing = sorted(set(classes) - {names[i] for i in np.unique(labels)})
+    if missing:
+        raise UsageError(f"The data has no image of {', '.join(missing)}: "
+                         "pass data with images of every class of the "
+                         "sub-task.")
+    if not np.isfinite(images).all():
+        raise UsageError("The data has images with NaN or inf values among "
+                         "the sub-task's classes: drop or fix them.")
+    full = np.asarray(model.predict(images, batch_size=256, verbose=0))
+    full_accuracy = float(np.mean(columns[full[:, columns].argmax(-1)]
+                                  == labels))
+    predicted = np.asarray(small.predict(images, batch_size=256, verbose=0))
+    accuracy = float(np.mean(columns[predicted.argmax(-1)] == labels))
+    params = small.count_params()
+    print(f"{folder}: sub-task {'-'.join(classes)} ({len(labels)} test "
+          f"images)\n"
+          f"  full-net accuracy:       {full_accuracy:.2%}\n"
+          f"  sub-task model accuracy: {accuracy:.2%}  (its model.keras)\n"
+          f"  params:                  {params:,} of "
+          f"{model.count_params():,} ({params / model.count_params():.2%})")
 
 
 def _check_has_classes(ds, civs, flag):

@@ -190,6 +190,26 @@ def test_subtask_with_a_parameter_budget_and_repair(files, capsys, tmp_path):
     assert 0 <= report["repaired_accuracy"] <= 1
     assert report["running_params"] <= 0.5 * report["params"]
 
+    # `report --subtask` reports what `subtask` built (here repaired), with
+    # the model it was built from, which it finds by itself.
+    capsys.readouterr()
+    assert cli.run(["keras-drnet", "report", f"--subtask={out}",
+                    data]) == 0
+    printed = capsys.readouterr().out
+    accuracy = report["repaired_accuracy"]
+    assert f"sub-task model accuracy: {accuracy:.2%}" in printed, printed
+    assert f"full-net accuracy:       {report['full_net_accuracy']:.2%}" \
+        in printed, printed
+    assert f"{small.count_params():,} of {model.count_params():,}" in printed
+    # Settings that would contradict the folder's, and a folder without a
+    # report, are refused; --calibrate points at --subtask.
+    assert "drop --budget" in _error(capsys, "report", f"--subtask={out}",
+                                     "--budget=0.3", data)
+    assert "no readable report.json" in _error(
+        capsys, "report", f"--subtask={tmp_path}", data)
+    assert "--subtask=DIR" in _error(
+        capsys, "report", f"--model={folder / 'm.keras'}", "--calibrate")
+
 
 # ---------------------------------------------------------------------------
 # Nothing silently wrong (issue 25).
