@@ -623,6 +623,54 @@ def _quiet():
     from absl import logging
 
     logging.set_verbosity(logging.ERROR)
+    if "tensorflow" not in sys.modules:
+        sys.meta_path.insert(0, _SilentImport("tensorflow"))
+
+
+class _SilentImport:
+    """Imports one module with C-level stderr sent to /dev/null.
+
+    While TensorFlow is imported, its C++ core probes for CUDA and logs it
+    (twice) through absl before any log level applies, so
+    TF_CPP_MIN_LOG_LEVEL cannot silence it. Python-level errors of the
+    import still surface: they are exceptions, raised after stderr is back.
+    """
+
+    def __init__(self, name):
+        self.name = name
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.name:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _SilentLoader(spec.loader)
+        return spec
+
+
+class _SilentLoader:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        # The module keeps the real loader (resources, reloads).
+        module.__loader__ = module.__spec__.loader = self.loader
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
 
 
 def _main(argv):

@@ -1,6 +1,7 @@
 """Deployment artifacts that carry the names of their output columns."""
 
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -110,7 +111,13 @@ def export(model, filepath, format="tf_saved_model", class_names=None,
             except (ValueError, tf.errors.InvalidArgumentError):
                 if all(spec.shape[1:]):
                     raise
-        model.export(filepath, format=format, verbose=verbose)
+        with warnings.catch_warnings():
+            # Keras's own tf2onnx patch probes `hasattr(np, "object")`,
+            # which numpy 2 answers with a FutureWarning meant for Keras.
+            warnings.filterwarnings(
+                "ignore", message=".*np.object", category=FutureWarning
+            )
+            model.export(filepath, format=format, verbose=verbose)
         if format == "litert":
             _add_tflite_labels(filepath, text)
         else:
