@@ -97,8 +97,11 @@ _COMMANDS = {
         [],  # --model, --civs and --classes, or --subtask: see report()
     ),
     "similarity": (
-        "The class-similarity heat map of a CIVs file (paper Fig. 8).",
-        ["civs", "out"],
+        "The class-similarity heat map of a CIVs file (paper Fig. 8): "
+        "the IoU of the channels each class keeps at --budget (default "
+        "1/3 of each gate), or, with --threshold, of those above it (the "
+        "paper's, 0).",
+        ["civs", "budget", "threshold", "out"],
         ["civs", "out"],
     ),
 }
@@ -605,7 +608,8 @@ def _check_has_classes(ds, civs, flag):
 
 def similarity():
     civs = _civs()
-    civs.plot_similarity(FLAGS.out)
+    civs.plot_similarity(FLAGS.out, budget=FLAGS.budget,
+                         threshold=FLAGS.threshold)
     print(f"Wrote {FLAGS.out} ({civs.num_classes} classes).")
 
 

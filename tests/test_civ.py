@@ -350,7 +350,7 @@ def _hand_civs():
 
 
 def test_similarity_is_the_iou_of_nonzero_channels():
-    iou = _hand_civs().similarity()
+    iou = _hand_civs().similarity(threshold=0.0)  # the paper's sets
     assert iou.shape == (5, 5)
     np.testing.assert_allclose(iou[:4, :4], [
         [1.0, 2 / 4, 0.0, 0.0],
@@ -367,11 +367,37 @@ def test_similarity_threshold_shrinks_the_sets():
     assert iou[0, 2] == 0.0
 
 
+def test_similarity_by_default_compares_the_top_third_of_each_gate():
+    # One channel of each gate of 3 (1/3), as a sub-task keeps them: a
+    # keeps 1 and 5, b 1 and 5, c 0 and 3; d's all-zero gates keep their
+    # first channels (ties go to the lower index), 0 and 3 too.
+    iou = _hand_civs().similarity()
+    np.testing.assert_allclose(iou[:4, :4], [
+        [1.0, 1.0, 0.0, 0.0],
+        [1.0, 1.0, 0.0, 0.0],
+        [0.0, 0.0, 1.0, 1.0],
+        [0.0, 0.0, 1.0, 1.0],
+    ])
+    assert np.isnan(iou[4]).all() and np.isnan(iou[:, 4]).all()
+    # Two of each gate: a {1, 2, 3, 5}, b {0, 1, 4, 5}, c {0, 1, 3, 4}.
+    wide = _hand_civs().similarity(budget=2 / 3)
+    assert wide[0, 1] == pytest.approx(2 / 6)
+    assert wide[1, 2] == pytest.approx(3 / 5)
+    with pytest.raises(ValueError, match="`budget` or `threshold`, not both"):
+        _hand_civs().similarity(budget=0.5, threshold=0.0)
+
+
 def test_plot_similarity_writes_a_png(tmp_path):
     path = tmp_path / "similarity.png"
     fig = _hand_civs().plot_similarity(path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert fig.axes[0].get_title().startswith("IoU of important channels")
+    title = fig.axes[0].get_title()
+    assert title.startswith("IoU of the channels each class uses (top 33%")
+    # The colour scale spans the off-diagonal values, not [0, 1].
+    image = fig.axes[0].get_images()[0]
+    assert image.get_clim() == (0.0, 1.0)  # here they reach both ends
+    paper = _hand_civs().plot_similarity(threshold=0.0)
+    assert "CIV > 0" in paper.axes[0].get_title()
 
 
 def test_class_left_out_by_exclude_names_the_policy():
