@@ -253,6 +253,12 @@ def main(argv):
         verbose=0 if quick else 1,
     )
     print(civs)
+    os.makedirs(_OUTPUT.value, exist_ok=True)
+    civs_path = os.path.join(_OUTPUT.value, "civs.npz")
+    civs.save(civs_path)  # for `keras-drnet subtask --civs=...`
+    similarity_path = os.path.join(_OUTPUT.value, "similarity.png")
+    civs.plot_similarity(similarity_path)
+    print(f"CIVs {civs_path}; class similarity: {similarity_path}")
 
     # Reconstruct: the sub-task (paper: union set, union_thr).
     if _THRESHOLD.value is not None:
@@ -265,7 +271,6 @@ def main(argv):
     sub = kd.subtask(model, civs, _CLASSES.value, **combine)
     report = kd.evaluate_subtask(sub, test)
     print(report)
-    os.makedirs(_OUTPUT.value, exist_ok=True)
     plot_path = os.path.join(_OUTPUT.value, "running_channels.png")
     report.plot(plot_path)
     print(f"Per-layer running channels: {plot_path}")

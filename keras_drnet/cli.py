@@ -52,8 +52,10 @@ for _define, _name, _default, _help in [
     (_L, "classes", None, "The sub-task's classes, e.g. cat,dog."),
     (_F, "budget", None, "Fraction of channels to keep (with "
      "--budget_scope=params: of the running parameters)."),
-    (_S, "budget_scope", "gate", "model, gate, or params (the parameter "
-     "budget spread over the layers by the cost of their channels)."),
+    (_S, "budget_scope", None, "gate, model, or params (the parameter "
+     "budget spread over the layers by the cost of their channels). "
+     "Default: the Python API's, gate for --budget and params for "
+     "--max_drop."),
     (_F, "threshold", None, "The paper's union threshold."),
     (_F, "max_drop", None, "Search the smallest per-gate budget within this "
      "accuracy drop (pp) on --validation."),
@@ -374,7 +376,7 @@ def _subtask(model, civs, calibrate=None):
                              "fraction of the running parameters).")
         budget = kd.allocate_budget(model, civs, FLAGS.classes,
                                     max_params=budget)
-        scope = "gate"
+        scope = None  # a list of fractions is per gate
     return kd.subtask(model, civs, FLAGS.classes, budget=budget,
                       threshold=FLAGS.threshold, budget_scope=scope,
                       calibrate=calibrate)
@@ -415,7 +417,7 @@ def subtask():
             finetune = {"ds": ds, "epochs": FLAGS.finetune_epochs}
         result, table = kd.smallest_subtask(
             model, civs, FLAGS.classes, max_drop=FLAGS.max_drop,
-            validation_data=validation, budget_scope=FLAGS.budget_scope,
+            validation_data=validation, budget_scope=_budget_scope(),
             calibrate=ds if FLAGS.calibrate else None, finetune=finetune,
             repair=ds if FLAGS.repair else None, verbose=1,
         )
@@ -473,11 +475,26 @@ def _settings(civs):
              "calibrate", "repair", "finetune_epochs", "data", "dataset",
              "split", "validation", "rescale")
     return {**{n: FLAGS[n].value for n in names},
+            "budget_scope": _budget_scope(),
             "model": os.path.abspath(FLAGS.model),
             "model_class_names": civs.class_names,
             "civs_method": civs.config.get("method", "cdrp"),
             "model_fingerprint": civs.fingerprint,
             "keras_drnet_version": __version__}
+
+
+def _budget_scope():
+    """--budget_scope, or the default of the Python call it goes to."""
+    if FLAGS.budget_scope is not None:
+        return FLAGS.budget_scope
+    import inspect
+
+    import keras_drnet as kd
+
+    if FLAGS.max_drop is not None:
+        signature = inspect.signature(kd.smallest_subtask)
+        return signature.parameters["budget_scope"].default
+    return kd.Selection.budget_scope
 
 
 def _rounded(value):

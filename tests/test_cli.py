@@ -215,6 +215,25 @@ def test_subtask_with_a_parameter_budget_and_repair(files, capsys, tmp_path):
         capsys, "report", f"--model={folder / 'm.keras'}", "--calibrate")
 
 
+def test_max_drop_takes_the_python_apis_budget_scope(files, capsys,
+                                                     tmp_path):
+    folder, model, x, y = files
+    out = tmp_path / "searched"
+    data = f"--validation={folder / 'data.npz'}"
+    assert cli.run(["keras-drnet", "subtask", f"--model={folder / 'm.keras'}",
+                    f"--civs={folder / 'own_civs.npz'}", "--classes=cat,dog",
+                    "--max_drop=100", data, f"--out={out}"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    # The search's own default (parameter budgets), as `smallest_subtask`.
+    assert report["settings"]["budget_scope"] == "params"
+    civs = kd.CIVs.load(folder / "own_civs.npz")
+    _, table = kd.smallest_subtask(model, civs, ["cat", "dog"],
+                                   max_drop=100, validation_data=(x, y),
+                                   verbose=0)
+    assert [row["budget"] for row in report["search"]] == [
+        row["budget"] for row in table]
+
+
 # ---------------------------------------------------------------------------
 # Nothing silently wrong (issue 25).
 # ---------------------------------------------------------------------------

@@ -47,6 +47,9 @@ def test_quickstart_quick_mode_writes_the_plot_and_the_savedmodel(tmp_path):
     )
     png = out / "running_channels.png"
     assert _is_png(png)
+    assert _is_png(out / "similarity.png")
+    assert kd.CIVs.load(out / "civs.npz").class_names[3:6] == [
+        "cat", "deer", "dog"]
     saved = out / "saved_model"
     assert (saved / "saved_model.pb").is_file()
     assert not (tmp_path / "unused.keras").exists()
