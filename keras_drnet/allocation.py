@@ -14,11 +14,11 @@ import numpy as np
 
 from keras_drnet.batching import is_number
 from keras_drnet.graph import running_costs
+from keras_drnet.model_surgery import gated_copy
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
 from keras_drnet.reconstruction import combine
 from keras_drnet.reconstruction import resolve_classes
-from keras_drnet.subtask import gated_copy
 
 # Chosen on the CIFAR-10 VGG16 w0.5 (docs/results.md): 0 is one fraction
 # for every gate.

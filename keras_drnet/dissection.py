@@ -21,9 +21,9 @@ from keras_drnet.civ import CIVs
 from keras_drnet.civ import atomic_savez
 from keras_drnet.civ import gate_layout
 from keras_drnet.civ import model_fingerprint
-from keras_drnet.gate_fitting import gated
 from keras_drnet.gate_fitting import method_options
-from keras_drnet.subtask import check_classifier
+from keras_drnet.model_surgery import check_classifier
+from keras_drnet.model_surgery import gated
 
 
 class _Checkpoint:

@@ -17,8 +17,7 @@ from keras_drnet.batching import is_number
 from keras_drnet.batching import model_input_shape
 from keras_drnet.channel_gate import per_sample_gates
 from keras_drnet.model_surgery import gate_layers
-from keras_drnet.model_surgery import inject_gates
-from keras_drnet.model_surgery import list_gates
+from keras_drnet.model_surgery import gated
 from keras_drnet.model_surgery import split_softmax
 
 
@@ -362,13 +361,6 @@ def method_options(method, **options):
             "them, or use method='cdrp' (or `keras_drnet.CDRP(...)`)."
         )
     return method, None
-
-
-def gated(model, select="all"):
-    """`model` itself if it already has gates, else `inject_gates(model)`."""
-    if isinstance(model, keras.Model) and list_gates(model):
-        return model
-    return inject_gates(model, select=select)
 
 
 def cdrp(

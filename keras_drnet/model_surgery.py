@@ -8,6 +8,9 @@ import warnings
 import keras
 
 from keras_drnet.channel_gate import ChannelGate
+from keras_drnet.civ import CIVs
+from keras_drnet.civ import gate_layout
+from keras_drnet.civ import model_fingerprint
 
 _RELU_ACTIVATIONS = ("relu", "relu6")
 # Op classes of `keras.ops.relu`, `keras.ops.relu6` and `keras.activations.relu`.
@@ -442,3 +445,66 @@ def split_softmax(model):
     )
     linear[0].set_weights(op.get_weights())
     return logits_model, True
+
+
+def gated(model, select="all"):
+    """`model` itself if it already has gates, else `inject_gates(model)`."""
+    if isinstance(model, keras.Model) and list_gates(model):
+        return model
+    return inject_gates(model, select=select)
+
+
+def check_classifier(model):
+    """A built full classifier with one tensor output, not a sub-task."""
+    # Imported here: `SubtaskModel` is built on this module.
+    from keras_drnet.subtask import SubtaskModel
+
+    if isinstance(model, SubtaskModel):
+        raise TypeError(
+            "`model` is a `SubtaskModel`; pass the original classifier it "
+            "was built from (dissect the full network once, then build "
+            "sub-tasks from its CIVs)."
+        )
+    check_cloneable(model)
+    # (A Sequential's output is one tensor, and may not be traced yet.)
+    if not isinstance(model, keras.Sequential) and isinstance(
+        model.output, dict
+    ):
+        raise ValueError(
+            f"Model '{model.name}' has a dict output (keys "
+            f"{sorted(model.output)}); DRNet needs one tensor of class "
+            "scores, e.g. `keras.Model(model.inputs, model.output[key])`."
+        )
+
+
+def gated_copy(model, civs):
+    """A gated model matching `civs` that shares no state with `model`.
+
+    Checks that `model` is a classifier that the CIVs were dissected from.
+    """
+    if not isinstance(civs, CIVs):
+        raise TypeError(
+            "`civs` must be `keras_drnet.CIVs` (from `keras_drnet.dissect()` "
+            f"or `CIVs.load()`). Received: {type(civs).__name__}"
+        )
+    check_classifier(model)
+    if civs.fingerprint != model_fingerprint(model):
+        raise ValueError(
+            "These CIVs were dissected from another model (or from this "
+            "architecture with other weights): their fingerprint does not "
+            "match `model`. Run `keras_drnet.dissect(model, ...)` on this "
+            "model, or load the CIVs file made for it."
+        )
+    select = civs.config.get("select", "all")
+    gated_model = gated(model, select if isinstance(select, str) else "all")
+    if gate_layout(gated_model) != civs.layout:
+        raise ValueError(
+            "The gates of `model` do not match the CIVs' layout (the "
+            "dissection used another `select`). Pass the gated model used "
+            "for the dissection instead."
+        )
+    if gated_model is model:
+        # Masks (and calibration's BatchNorm statistics) are written into the
+        # gated model: never into the user's, nor one another sub-task has.
+        gated_model = copy_model(model)
+    return gated_model

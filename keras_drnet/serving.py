@@ -5,12 +5,12 @@ import re
 import tensorflow as tf
 
 from keras_drnet.channel_gate import per_sample_gates
+from keras_drnet.model_surgery import gated_copy
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
 from keras_drnet.saved_model import write_saved_model
 from keras_drnet.selection import as_selection
 from keras_drnet.subtask import SubtaskModel
-from keras_drnet.subtask import gated_copy
 
 
 def _cciv_fn(civs, selection):

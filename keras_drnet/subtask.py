@@ -16,11 +16,8 @@ from keras_drnet.calibration import batchnorm_statistics
 from keras_drnet.calibration import calibrate_batchnorm
 from keras_drnet.calibration import set_batchnorm_statistics
 from keras_drnet.civ import CIVs
-from keras_drnet.civ import gate_layout
-from keras_drnet.civ import model_fingerprint
-from keras_drnet.gate_fitting import gated
-from keras_drnet.model_surgery import check_cloneable
 from keras_drnet.model_surgery import copy_model
+from keras_drnet.model_surgery import gated_copy
 from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
 from keras_drnet.reconstruction import combine
@@ -377,26 +374,6 @@ class _Switch:
             yield
 
 
-def check_classifier(model):
-    """A built full classifier with one tensor output, not a sub-task."""
-    if isinstance(model, SubtaskModel):
-        raise TypeError(
-            "`model` is a `SubtaskModel`; pass the original classifier it "
-            "was built from (dissect the full network once, then build "
-            "sub-tasks from its CIVs)."
-        )
-    check_cloneable(model)
-    # (A Sequential's output is one tensor, and may not be traced yet.)
-    if not isinstance(model, keras.Sequential) and isinstance(
-        model.output, dict
-    ):
-        raise ValueError(
-            f"Model '{model.name}' has a dict output (keys "
-            f"{sorted(model.output)}); DRNet needs one tensor of class "
-            "scores, e.g. `keras.Model(model.inputs, model.output[key])`."
-        )
-
-
 def _civs_config(civs):
     return {
         "class_names": civs.class_names,
@@ -421,39 +398,6 @@ def _civs_from_config(config):
         config["config"],
         config.get("top1_changed"),
     )
-
-
-def gated_copy(model, civs):
-    """A gated model matching `civs` that shares no state with `model`.
-
-    Checks that `model` is a classifier that the CIVs were dissected from.
-    """
-    if not isinstance(civs, CIVs):
-        raise TypeError(
-            "`civs` must be `keras_drnet.CIVs` (from `keras_drnet.dissect()` "
-            f"or `CIVs.load()`). Received: {type(civs).__name__}"
-        )
-    check_classifier(model)
-    if civs.fingerprint != model_fingerprint(model):
-        raise ValueError(
-            "These CIVs were dissected from another model (or from this "
-            "architecture with other weights): their fingerprint does not "
-            "match `model`. Run `keras_drnet.dissect(model, ...)` on this "
-            "model, or load the CIVs file made for it."
-        )
-    select = civs.config.get("select", "all")
-    gated_model = gated(model, select if isinstance(select, str) else "all")
-    if gate_layout(gated_model) != civs.layout:
-        raise ValueError(
-            "The gates of `model` do not match the CIVs' layout (the "
-            "dissection used another `select`). Pass the gated model used "
-            "for the dissection instead."
-        )
-    if gated_model is model:
-        # Masks (and calibration's BatchNorm statistics) are written into the
-        # gated model: never into the user's, nor one another sub-task has.
-        gated_model = copy_model(model)
-    return gated_model
 
 
 def subtask(

@@ -10,14 +10,12 @@ degenerate all-zero CDRPs.
 
 import inspect
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import _dissect_models as dm  # noqa: E402
 import keras_drnet as kd  # noqa: E402
-from keras_drnet import gate_fitting  # noqa: E402
 
 N_CHANNELS = 8 + 16 + 32
 
@@ -384,13 +382,3 @@ def test_cdrp_rejects_wrong_image_shape(data, shape):
         paper_cdrp(data["model"], images)
     with pytest.raises(ValueError, match=r"shape"):
         paper_cdrp(data["model"], tf.data.Dataset.from_tensor_slices(images))
-
-
-def test_gate_fitting_module_api(data):
-    """`gated()` reuses a gated model and injects gates into a plain one."""
-    gated = kd.inject_gates(data["model"])
-    assert gate_fitting.gated(gated) is gated
-    fresh = gate_fitting.gated(data["model"])
-    assert fresh is not data["model"]
-    assert [s.source for s in kd.list_gates(fresh)] == ["conv1", "relu2", "fc1"]
-    assert isinstance(fresh, keras.Model)

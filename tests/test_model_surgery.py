@@ -10,6 +10,7 @@ from keras import layers
 from keras import ops
 
 import keras_drnet as kd
+from keras_drnet import model_surgery
 from keras_drnet.model_surgery import split_softmax
 
 APPS = ["VGG16", "ResNet50", "MobileNetV2", "DenseNet121"]
@@ -795,3 +796,12 @@ def test_unbuilt_sequential_raises_value_error(fn):
     model = keras.Sequential([layers.Dense(3, activation="relu")])
     with pytest.raises(ValueError, match="is not built.*build"):
         fn(model)
+
+
+def test_gated_reuses_a_gated_model_and_injects_gates_into_a_plain_one():
+    model, _, channels = _sequential_cnn(np.random.default_rng(0))
+    gated = kd.inject_gates(model)
+    assert model_surgery.gated(gated) is gated
+    fresh = model_surgery.gated(model)
+    assert fresh is not model and isinstance(fresh, keras.Model)
+    assert [s.channels for s in kd.list_gates(fresh)] == channels

@@ -13,44 +13,14 @@ import numpy as np
 import pytest
 
 import keras_drnet as kd
-from keras_drnet.civ import LayoutEntry
-
-NAMES = ["cat", "dog", "bird", "frog", "ship"]
-LAYOUT = (
-    LayoutEntry("conv1_gate", "conv1", 3),
-    LayoutEntry("conv2_gate", "conv2", 4),
-    LayoutEntry("fc1_gate", "fc1", 5),
-)
-TOTAL = 12
-SIZES = [3, 4, 5]
-
-
-def make_civs(vectors=None, counts=None, rng=None):
-    if vectors is None:
-        rng = rng or np.random.default_rng(0)
-        # Multiples of 1/16 in [0, 1]: exact, with many ties.
-        vectors = rng.integers(0, 17, (len(NAMES), TOTAL)) / 16.0
-    if counts is None:
-        counts = [4] * len(NAMES)
-    return kd.CIVs(vectors, NAMES, counts, LAYOUT, "fp", {})
-
-
-def gate_slices():
-    stops = np.cumsum(SIZES)
-    return [slice(stop - size, stop) for size, stop in zip(SIZES, stops)]
-
-
-def nonempty_per_gate(mask):
-    return all(mask[s].any() for s in gate_slices())
-
-
-def expected_budget_mask(scores, budget):
-    keep = int(round(budget * scores.size))
-    order = sorted(range(scores.size), key=lambda j: (-scores[j], j))
-    mask = np.zeros(scores.size, "float32")
-    mask[order[:keep]] = 1.0
-    return mask
-
+from _hand_civs import LAYOUT
+from _hand_civs import NAMES
+from _hand_civs import SIZES
+from _hand_civs import TOTAL
+from _hand_civs import expected_budget_mask
+from _hand_civs import gate_slices
+from _hand_civs import make_civs
+from _hand_civs import nonempty_per_gate
 
 # ---------------------------------------------------------------------------
 # Formulas.
@@ -432,61 +402,3 @@ def test_gate_budget_does_not_starve_a_gate_with_low_scores():
 def test_unknown_budget_scope_is_refused():
     with pytest.raises(ValueError, match="budget_scope.*Received.*'layer'"):
         kd.combine(make_civs(), ["cat"], budget=0.5, budget_scope="layer")
-
-
-# ---------------------------------------------------------------------------
-# Selection: the settings as one validated object.
-# ---------------------------------------------------------------------------
-
-
-def test_selection_equals_the_keywords_and_round_trips():
-    civs = make_civs()
-    selection = kd.Selection(budget=0.5, budget_scope="model",
-                             empty_gates="allow")
-    by_object = kd.combine(civs, ["cat", "dog"], selection=selection)
-    by_keywords = kd.combine(civs, ["cat", "dog"], budget=0.5,
-                             budget_scope="model", empty_gates="allow")
-    np.testing.assert_array_equal(by_object.mask, by_keywords.mask)
-    assert kd.Selection.from_config(selection.get_config()) == selection
-    per_gate = kd.Selection(budget=[0.5] * len(SIZES))
-    assert kd.Selection.from_config(per_gate.get_config()) == per_gate
-
-
-def test_selection_default_scope_is_per_gate():
-    civs = make_civs()
-    np.testing.assert_array_equal(
-        kd.combine(civs, ["cat"], budget=0.5).mask,
-        kd.combine(civs, ["cat"], budget=0.5, budget_scope="gate").mask,
-    )
-
-
-def test_selection_replace_swaps_threshold_and_budget():
-    selection = kd.Selection(budget=0.3)
-    assert selection.replace(threshold=0.1) == kd.Selection(threshold=0.1)
-    assert selection.replace(method=None) == selection
-    assert kd.Selection(threshold=0.1).replace(budget=0.2).budget == 0.2
-
-
-@pytest.mark.parametrize(
-    "settings, match",
-    [
-        ({}, "exactly one of"),
-        ({"budget": 0.3, "threshold": 0.1}, "exactly one of"),
-        ({"budget": 1.5}, "budget"),
-        ({"threshold": float("nan")}, "threshold"),
-        ({"budget": 0.3, "budget_scope": "layer"}, "budget_scope"),
-        ({"budget": 0.3, "method": "and"}, "method"),
-        ({"budget": 0.3, "empty_gates": "never"}, "empty_gates"),
-    ],
-)
-def test_selection_refuses_bad_settings(settings, match):
-    with pytest.raises(ValueError, match=match):
-        kd.Selection(**settings)
-
-
-def test_combine_refuses_a_selection_and_keywords_together():
-    with pytest.raises(ValueError, match="not both"):
-        kd.combine(make_civs(), ["cat"], budget=0.5,
-                   selection=kd.Selection(budget=0.3))
-    with pytest.raises(TypeError, match="Selection"):
-        kd.combine(make_civs(), ["cat"], selection={"budget": 0.3})
