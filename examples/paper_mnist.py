@@ -81,7 +81,7 @@ def trained(quick):
 
 def describe(civs, policy):
     names = civs.class_names
-    iou = civs.similarity()
+    iou = civs.similarity(threshold=0.0)  # the paper's non-zero sets
     pairs = sorted(
         ((iou[i, j], names[i], names[j])
          for i, j in itertools.combinations(range(len(names)), 2)),
@@ -132,7 +132,8 @@ def main(_):
                           class_names=names, on_top1_change=policy,
                           verbose=0 if quick else 1)
         civs.plot_similarity(
-            os.path.join(_OUTPUT.value, f"mnist_similarity_{policy}.png"))
+            os.path.join(_OUTPUT.value, f"mnist_similarity_{policy}.png"),
+            threshold=0.0)
         text.append(describe(civs, policy))
     path = os.path.join(_OUTPUT.value, "mnist_similarity.md")
     with open(path, "w") as f:

@@ -22,6 +22,7 @@ _EXPORTS = {
     "ChannelGate": "channel_gate",
     "CIVs": "civ",
     "compact": "compaction",
+    "PathDetector": "detection",
     "dissect": "dissection",
     "export": "export",
     "read_class_names": "export",

@@ -72,6 +72,12 @@ class Attribution:
         Nothing is fitted, so no top-1 ever changes: the flags are all
         False (the same return value as `GateFitter.fit_batch`).
         """
+        scores, _ = self.path_batch(images, labels)
+        return scores, ops.zeros((ops.shape(images)[0],), "bool")
+
+    def path_batch(self, images, labels=None):
+        """`(scores [batch, total], logits [batch, classes])` of a batch:
+        each image's path and the model's output (`PathDetector`)."""
         features = {id(gate): [] for gate in self._gates}
 
         def recording_call(gate):
@@ -109,8 +115,7 @@ class Attribution:
             ops.mean(ops.stack(per_gate[id(gate)]), axis=0)
             for gate in self._gates
         ]
-        changed = ops.zeros((ops.shape(images)[0],), "bool")
-        return ops.concatenate(scores, axis=1), changed
+        return ops.concatenate(scores, axis=1), logits
 
     def _score(self, a, grad, gate):
         a = ops.cast(a, "float32")

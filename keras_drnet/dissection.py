@@ -21,6 +21,7 @@ from keras_drnet.civ import CIVs
 from keras_drnet.civ import atomic_savez
 from keras_drnet.civ import gate_layout
 from keras_drnet.civ import model_fingerprint
+from keras_drnet.gate_fitting import CDRP
 from keras_drnet.gate_fitting import method_options
 from keras_drnet.model_surgery import check_classifier
 from keras_drnet.model_surgery import gated
@@ -112,6 +113,15 @@ def _data_digest(elements, count=4):
         digest.update(np.ascontiguousarray(image).tobytes())
         digest.update(np.int64(label).tobytes())
     return digest.hexdigest()[:16]
+
+
+def path_scorer(gated_model, method, options=None):
+    """What scores each image's channels: CDRP's `GateFitter` (with its
+    `CDRP` options) or a one-pass `Attribution`; both have `fit_batch`
+    (dissection) and `path_batch` (`PathDetector`)."""
+    if method == "cdrp":
+        return (options or CDRP()).fitter(gated_model)
+    return Attribution(gated_model, method)
 
 
 def dissect(
@@ -223,10 +233,7 @@ def dissect(
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         gated_model = gated(model, select)
-        if options is not None:
-            scorer = options.fitter(gated_model)
-        else:
-            scorer = Attribution(gated_model, method)
+        scorer = path_scorer(gated_model, method, options)
     run = BatchRunner(scorer.fit_batch, batch_size, strategy, jit_compile)
     layout = gate_layout(gated_model)
     fingerprint = model_fingerprint(model)

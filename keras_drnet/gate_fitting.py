@@ -192,6 +192,13 @@ class GateFitter(keras.Model):
         }[self.on_top1_change]
         return ops.where(kept[:, None], gates, fallback), ops.logical_not(kept)
 
+    def path_batch(self, images, labels=None):
+        """`(cdrps [batch, total], logits [batch, classes])` of a batch:
+        each image's path and the model's output (`PathDetector`)."""
+        cdrps, _ = self.fit_batch(images)
+        ones = ops.ones((ops.shape(images)[0], self.total_channels))
+        return cdrps, self.logits(images, ones)
+
     def predict_step(self, data):
         images = data[0] if isinstance(data, (tuple, list)) else data
         return self.fit_batch(images)[0]

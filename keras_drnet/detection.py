@@ -1,0 +1,313 @@
+"""Routing paths as a detector: images whose path is unlike their class's.
+
+An adversarial or out-of-distribution image reaches its (wrong) class
+through channels that the class's own images do not use (CDRP, CVPR 2018;
+"effective paths", CVPR 2019; INND, ECCV 2020). `PathDetector` measures
+that with the package's own parts: an image's path is its per-channel
+scores from a dissection method, its class is the model's top-1, and the
+class's path is its CIV.
+"""
+
+import json
+import os
+
+import numpy as np
+from keras import ops
+
+from keras_drnet.batching import BatchRunner
+from keras_drnet.batching import image_batches
+from keras_drnet.batching import is_number
+from keras_drnet.batching import model_input_shape
+from keras_drnet.civ import CIVs
+from keras_drnet.civ import atomic_savez
+from keras_drnet.civ import model_fingerprint
+from keras_drnet.dissection import path_scorer
+from keras_drnet.gate_fitting import CDRP
+from keras_drnet.model_surgery import gated_copy
+from keras_drnet.selection import gate_spans
+
+MEASURES = ("cosine", "overlap")
+_FORMAT_VERSION = 1
+
+
+class PathDetector:
+    """Scores how far each image's routing path is from its class's.
+
+    For an image predicted as class `c`, every gate `g` gives two
+    similarities between the image's path on that gate and `c`'s CIV:
+    `"cosine"`, and `"overlap"` (the IoU of their top `budget` channels, the
+    paper family's measure). `fit(clean_images)` learns, on held-out clean
+    images, each class's mean of these per-gate similarities and their
+    pooled covariance; an image's score is the Mahalanobis distance of its
+    similarities from its class's mean (a combination over layers learned
+    on clean images only): higher is less like its class. The threshold is
+    the clean scores' `1 - false_positive_rate` quantile.
+
+    Args:
+        model: the classifier the CIVs were dissected from.
+        civs: `keras_drnet.CIVs` of `model`, one for every class.
+        method: the path: `"taylor"`, `"activation"`, `"frat"` or
+            `"cdrp"`; defaults to the CIVs' own method (their scale).
+        measures: tuple of `"cosine"` and/or `"overlap"`.
+        budget: float in (0, 1], the fraction of a gate's channels
+            `"overlap"` compares.
+        false_positive_rate: float in (0, 1), on the `fit` images.
+        batch_size: int, images scored at once (compiled once).
+        ridge: float >= 0, added to the covariance's diagonal, relative to
+            its mean variance.
+
+    Example:
+
+    ```python
+    detector = keras_drnet.PathDetector(model, civs).fit(clean_images)
+    scores = detector.score(images)       # higher: less like its class
+    flagged = detector.predict(images)    # scores above the threshold
+    detector.save("detector.npz")
+    detector = keras_drnet.PathDetector.load("detector.npz", model, civs)
+    ```
+    """
+
+    def __init__(self, model, civs, method=None, measures=MEASURES,
+                 budget=1 / 3, false_positive_rate=0.05, batch_size=64,
+                 ridge=1e-3):
+        if not isinstance(civs, CIVs):
+            raise TypeError(
+                "`civs` must be `keras_drnet.CIVs` (from `keras_drnet."
+                f"dissect()` or `CIVs.load()`). Received: {type(civs).__name__}"
+            )
+        missing = [n for n, c in zip(civs.class_names, civs.counts) if not c]
+        if missing:
+            raise ValueError(
+                f"The CIVs have no vector for {missing}: the detector "
+                "compares an image with the class the model predicts, so it "
+                "needs every class's. Dissect images of those classes too."
+            )
+        measures = tuple(measures)
+        if not measures or any(m not in MEASURES for m in measures):
+            raise ValueError(
+                f"`measures` must be a non-empty tuple of {list(MEASURES)}. "
+                f"Received: measures={measures!r}"
+            )
+        for name, value, low, high in [
+            ("budget", budget, 0, 1),
+            ("false_positive_rate", false_positive_rate, 0, 1),
+        ]:
+            if not (is_number(value) and low < value <= high) or (
+                name == "false_positive_rate" and value >= 1
+            ):
+                raise ValueError(
+                    f"`{name}` must be a number in ({low}, {high}"
+                    f"{')' if name == 'false_positive_rate' else ']'}. "
+                    f"Received: {name}={value!r}"
+                )
+        if not (is_number(ridge) and ridge >= 0):
+            raise ValueError(f"`ridge` must be >= 0. Received: ridge={ridge!r}")
+        own = civs.config.get("method", "cdrp")
+        self.method = own if method is None else method
+        self.model = model
+        self.civs = civs
+        self.measures = measures
+        self.budget = float(budget)
+        self.false_positive_rate = float(false_positive_rate)
+        self.ridge = float(ridge)
+        self.means = self.precision = self.threshold = None
+        options = None
+        if self.method == "cdrp" and own == "cdrp":
+            # The CIVs' own fitting options: the references' scale.
+            fields = CDRP.__dataclass_fields__
+            options = CDRP(**{k: v for k, v in civs.config.items()
+                              if k in fields})
+        scorer = path_scorer(gated_copy(model, civs), self.method, options)
+        self._input_shape, self._dtype = model_input_shape(model)
+        self._run = BatchRunner(self._step(scorer), batch_size)
+
+    def _step(self, scorer):
+        """`(images, labels) -> (similarities [batch, F], logits)`."""
+        references = ops.convert_to_tensor(self.civs.vectors, "float32")
+        spans = gate_spans(self.civs.layout)
+        counts = [max(1, int(round(self.budget * (b - a)))) for a, b in spans]
+        measures = self.measures
+
+        def top(part, count):
+            _, order = ops.top_k(part, count)
+            return ops.sum(ops.one_hot(order, part.shape[-1]), axis=1)
+
+        def step(images, labels):
+            paths, logits = scorer.path_batch(images)
+            paths = ops.cast(paths, "float32")
+            reference = ops.take(references, ops.argmax(logits, -1), axis=0)
+            features = []
+            for (a, b), count in zip(spans, counts):
+                p, r = paths[:, a:b], reference[:, a:b]
+                if "cosine" in measures:
+                    norms = ops.norm(p, axis=1) * ops.norm(r, axis=1)
+                    features.append(ops.sum(p * r, axis=1)
+                                    / ops.maximum(norms, 1e-12))
+                if "overlap" in measures:
+                    shared = ops.sum(top(p, count) * top(r, count), axis=1)
+                    features.append(shared / (2 * count - shared))
+            return ops.stack(features, axis=1), logits
+
+        return step
+
+    def similarities(self, images):
+        """`(similarities [N, F], logits [N, classes])` of `images` (an
+        array or a dataset of images, preprocessed as the model expects)."""
+        features, logits = [], []
+        for batch in image_batches(images, self._run.batch_size,
+                                   self._input_shape, self._dtype):
+            if not np.isfinite(batch).all():
+                raise ValueError(
+                    "`images` has NaN or inf values: a path through them "
+                    "means nothing. Drop or fix those images."
+                )
+            f, z = self._run(batch)
+            features.append(f)
+            logits.append(z)
+        if not features:
+            raise ValueError("`images` is empty: nothing to score.")
+        return np.concatenate(features), np.concatenate(logits)
+
+    def fit(self, clean_images):
+        """Learns the clean statistics and the threshold; returns `self`.
+
+        `clean_images`: held out from the dissection, not labelled (the
+        predicted class is the one compared). Every class the model
+        predicts on them should have a few dozen images.
+        """
+        features, logits = self.similarities(clean_images)
+        classes = logits.argmax(-1)
+        num_classes = self.civs.num_classes
+        means = np.zeros((num_classes, features.shape[1]))
+        overall = features.mean(axis=0)
+        for c in range(num_classes):
+            mine = features[classes == c]
+            # A class predicted for no clean image falls back on the mean
+            # of all (its images are then scored against everyone's).
+            means[c] = mine.mean(axis=0) if len(mine) else overall
+        centred = features - means[classes]
+        covariance = centred.T @ centred / max(len(features) - 1, 1)
+        scale = float(np.mean(np.diag(covariance))) or 1.0
+        covariance += self.ridge * scale * np.eye(len(covariance))
+        self.means = means.astype("float32")
+        self.precision = np.linalg.inv(covariance).astype("float32")
+        clean = self._distance(features, classes)
+        self.threshold = float(np.quantile(clean,
+                                           1 - self.false_positive_rate))
+        return self
+
+    def _distance(self, features, classes):
+        centred = features - self.means[classes]
+        return np.sqrt(np.maximum(
+            np.einsum("ij,jk,ik->i", centred, self.precision, centred), 0))
+
+    def _check_fitted(self):
+        if self.threshold is None:
+            raise ValueError(
+                "This PathDetector is not fitted: call "
+                "`detector.fit(clean_images)` (or `PathDetector.load`) first."
+            )
+
+    def score(self, images, return_logits=False):
+        """One anomaly score per image (higher: less like its predicted
+        class's path); with `return_logits`, `(scores, logits)`."""
+        self._check_fitted()
+        features, logits = self.similarities(images)
+        scores = self._distance(features, logits.argmax(-1))
+        return (scores, logits) if return_logits else scores
+
+    def predict(self, images):
+        """Booleans: the images whose score is above the threshold."""
+        return self.score(images) > self.threshold
+
+    def get_config(self):
+        return {
+            "method": self.method,
+            "measures": list(self.measures),
+            "budget": self.budget,
+            "false_positive_rate": self.false_positive_rate,
+            "batch_size": self._run.batch_size,
+            "ridge": self.ridge,
+        }
+
+    def save(self, path):
+        """Writes the fitted detector to an `.npz` (no pickle)."""
+        self._check_fitted()
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            raise ValueError(
+                f"A PathDetector is saved as `.npz`. Received: path={path!r}"
+            )
+        metadata = {
+            "format_version": _FORMAT_VERSION,
+            "config": self.get_config(),
+            "threshold": self.threshold,
+            "model_fingerprint": self.civs.fingerprint,
+            "civs_checksum": _civs_checksum(self.civs),
+        }
+        atomic_savez(path, means=self.means, precision=self.precision,
+                     metadata=np.array(json.dumps(metadata)))
+
+    @classmethod
+    def load(cls, path, model, civs):
+        """A detector written by `save()`, for `model` and its `civs`."""
+        path = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                means, precision = data["means"], data["precision"]
+                metadata = json.loads(str(data["metadata"]))
+            config = metadata["config"]
+            version = metadata["format_version"]
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # numpy and zipfile raise many kinds
+            raise ValueError(
+                f"Could not read a PathDetector from {path!r}: the file is "
+                f"damaged or not one ({type(error).__name__}: {error})."
+            ) from None
+        if version != _FORMAT_VERSION:
+            raise ValueError(
+                f"{path!r} is a PathDetector of format {version}; this "
+                f"version reads {_FORMAT_VERSION}."
+            )
+        if (metadata["model_fingerprint"] != model_fingerprint(model)
+                or metadata["civs_checksum"] != _civs_checksum(civs)):
+            raise ValueError(
+                f"{path!r} was fitted for another model or other CIVs: pass "
+                "the model and CIVs it was fitted with, or fit it again."
+            )
+        detector = cls(model, civs, **config)
+        detector.means, detector.precision = means, precision
+        detector.threshold = float(metadata["threshold"])
+        return detector
+
+
+def _civs_checksum(civs):
+    import hashlib
+
+    return hashlib.sha256(
+        np.ascontiguousarray(civs.vectors, "float32").tobytes()
+    ).hexdigest()
+
+
+def auroc(negatives, positives):
+    """Area under the ROC curve of scores where `positives` should be
+    higher (the probability that a random positive outscores a random
+    negative, ties counting half)."""
+    negatives = np.asarray(negatives, "float64")
+    positives = np.asarray(positives, "float64")
+    scores = np.concatenate([negatives, positives])
+    ranks = _average_ranks(scores)
+    n, p = len(negatives), len(positives)
+    return float((ranks[n:].sum() - p * (p + 1) / 2) / (n * p))
+
+
+def _average_ranks(values):
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    # Ties share their average rank.
+    _, inverse, counts = np.unique(values, return_inverse=True,
+                                        return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
