@@ -338,3 +338,32 @@ def baseline_civs(model, kind, names, seed=0):
     return kd.CIVs(vectors, names, np.ones(len(names), "int64"),
                    gate_layout(gated), model_fingerprint(model),
                    {"method": f"baseline {kind}"})
+
+
+def adversarial(logits_fn, images, labels, kind, eps, high, seed=0):
+    """Untargeted FGSM, or PGD (10 steps of eps/4 from a random start), of
+    `images` with true `labels`, `eps` in 1/255ths of the pixel range, in
+    the model's input units ([0, `high`]). `logits_fn(images)` gives the
+    logits (detect_study)."""
+    import tensorflow as tf
+
+    eps = eps / 255.0 * high
+    x0 = tf.constant(images)
+    y = tf.constant(labels)
+
+    def gradient(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = keras.losses.sparse_categorical_crossentropy(
+                y, logits_fn(x), from_logits=True)
+        return tape.gradient(loss, x)
+
+    if kind == "fgsm":
+        return np.asarray(tf.clip_by_value(
+            x0 + eps * tf.sign(gradient(x0)), 0, high))
+    rng = np.random.default_rng(seed)
+    x = x0 + rng.uniform(-eps, eps, images.shape).astype("float32")
+    for _ in range(10):
+        x = x + eps / 4 * tf.sign(gradient(tf.clip_by_value(x, 0, high)))
+        x = tf.clip_by_value(tf.clip_by_value(x, x0 - eps, x0 + eps), 0, high)
+    return np.asarray(x)

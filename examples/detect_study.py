@@ -55,32 +55,6 @@ _QUICK = flags.DEFINE_bool("quick", False, "Tiny run to check it works.")
 ATTACKS = [("fgsm", 2), ("fgsm", 8), ("pgd", 2), ("pgd", 8)]
 
 
-def attack(logits_fn, images, labels, kind, eps, high, seed=0):
-    """Untargeted FGSM / PGD in the model's input units ([0, high])."""
-    import tensorflow as tf
-
-    eps = eps / 255.0 * high
-    x0 = tf.constant(images)
-    y = tf.constant(labels)
-
-    def gradient(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.keras.losses.sparse_categorical_crossentropy(
-                y, logits_fn(x), from_logits=True)
-        return tape.gradient(loss, x)
-
-    if kind == "fgsm":
-        return np.asarray(tf.clip_by_value(
-            x0 + eps * tf.sign(gradient(x0)), 0, high))
-    rng = np.random.default_rng(seed)
-    x = x0 + rng.uniform(-eps, eps, images.shape).astype("float32")
-    for _ in range(10):
-        x = x + eps / 4 * tf.sign(gradient(tf.clip_by_value(x, 0, high)))
-        x = tf.clip_by_value(tf.clip_by_value(x, x0 - eps, x0 + eps), 0, high)
-    return np.asarray(x)
-
-
 def _batched(fn, images, size=250):
     if not len(images):
         return np.zeros((0,) + images.shape[1:], "float32")
@@ -140,7 +114,7 @@ def main(argv):
 
         def make():
             adv = eval_x[correct]
-            parts = [attack(logits_fn, adv[i:i + 250],
+            parts = [cifar_models.adversarial(logits_fn, adv[i:i + 250],
                             eval_y[correct][i:i + 250], kind, eps, high)
                      for i in range(0, len(adv), 250)]
             return {"images": np.concatenate(parts) if parts else adv}

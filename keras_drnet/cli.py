@@ -7,6 +7,8 @@
         --budget=0.33 --dataset=cifar10 --split=test
     keras-drnet report --subtask=cat_dog/ --dataset=cifar10
     keras-drnet similarity --civs=civs.npz --out=similarity.png
+    keras-drnet detect --model=m.keras --civs=civs.npz --dataset=cifar10 \\
+        --fit_data=test[:1000] --data=test[1000:2000] --out=scores.csv
 
 `keras-drnet COMMAND --help` lists a command's flags. A user error prints
 one line on stderr and exits with status 2; `--verbosity=1` shows the
@@ -46,7 +48,8 @@ for _define, _name, _default, _help in [
      "order, e.g. airplane,automobile,... (needed for a --data folder, "
      "whose subfolders are matched to them by name)."),
     (_I, "samples_per_class", 100, "Images dissected per class."),
-    (_S, "method", "cdrp", "cdrp, activation, frat or taylor."),
+    (_S, "method", "cdrp", "cdrp, activation, frat or taylor (detect: "
+     "default the CIVs' own)."),
     (_S, "checkpoint_dir", None, "Resumable progress (default: --out + "
      "'.ckpt'); rerun the same command to resume."),
     (_L, "classes", None, "The sub-task's classes, e.g. cat,dog."),
@@ -73,6 +76,11 @@ for _define, _name, _default, _help in [
      "written by `subtask --out`, whose model (calibrated, repaired or "
      "fine-tuned as it was built) is reported; --model and --rescale "
      "default to the ones it was built with."),
+    (_S, "fit_data", None, "Clean held-out images to fit the detector on "
+     "(a split of --dataset, a folder or an .npz; labels are not used)."),
+    (_S, "detector", None, "A fitted detector (.npz): written after "
+     "--fit_data, read without it."),
+    (_F, "false_positive_rate", 0.05, "The detector's rate on --fit_data."),
     (_I, "verbosity", 0, "1 shows the Python traceback of an error."),
 ]:
     _define(_name, _default, _help, flag_values=FLAGS)
@@ -97,6 +105,14 @@ _COMMANDS = {
         ["model", "civs", "classes", "budget", "budget_scope", "threshold",
          "subtask", "dataset", "split", "data", "rescale"],
         [],  # --model, --civs and --classes, or --subtask: see report()
+    ),
+    "detect": (
+        "Scores images by how far their routing path is from their "
+        "predicted class's (kd.PathDetector): a CSV of index, predicted "
+        "class, score and flagged.",
+        ["model", "civs", "method", "dataset", "data", "rescale",
+         "fit_data", "detector", "false_positive_rate", "out"],
+        ["model", "civs", "data", "out"],
     ),
     "similarity": (
         "The class-similarity heat map of a CIVs file (paper Fig. 8): "
@@ -630,9 +646,61 @@ def similarity():
     print(f"Wrote {FLAGS.out} ({civs.num_classes} classes).")
 
 
+def detect():
+    import csv
+
+    import numpy as np
+
+    import keras_drnet as kd
+
+    if not FLAGS.out.endswith(".csv"):
+        raise UsageError(f"--out={FLAGS.out}: the scores are written to a "
+                         ".csv file, e.g. --out=scores.csv.")
+    _check_writable(FLAGS.out)
+    if FLAGS.fit_data is None and (FLAGS.detector is None
+                                   or not os.path.exists(FLAGS.detector)):
+        raise UsageError("`detect` needs --fit_data (clean held-out images "
+                         "to fit on) or --detector=FILE written by an earlier "
+                         "fit.")
+    if FLAGS.detector is not None and not FLAGS.detector.endswith(".npz"):
+        raise UsageError(f"--detector={FLAGS.detector}: a detector is an "
+                         ".npz file.")
+    civs = _civs()
+    model = _model()
+    names = civs.class_names
+
+    def images(spec):
+        ds = _data(spec, names)[0]
+        return np.stack([x for x, _ in ds.as_numpy_iterator()])
+
+    # The method flag's default is dissect's; the detector's default is
+    # the CIVs' own method, unless --method is given.
+    method = FLAGS.method if FLAGS["method"].present else None
+    if FLAGS.fit_data is not None:
+        detector = kd.PathDetector(
+            model, civs, method=method,
+            false_positive_rate=FLAGS.false_positive_rate,
+        ).fit(images(FLAGS.fit_data))
+        if FLAGS.detector is not None:
+            detector.save(FLAGS.detector)
+    else:
+        detector = kd.PathDetector.load(FLAGS.detector, model, civs)
+    scores, logits = detector.score(images(FLAGS.data), return_logits=True)
+    flagged = scores > detector.threshold
+    with open(FLAGS.out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "predicted", "score", "flagged"])
+        for i, (score, z, flag) in enumerate(zip(scores, logits, flagged)):
+            writer.writerow([i, names[int(np.argmax(z))], f"{score:.4f}",
+                             int(flag)])
+    print(f"Wrote {FLAGS.out}: {len(scores)} images, {int(flagged.sum())} "
+          f"flagged ({flagged.mean():.1%}; threshold {detector.threshold:.3f}"
+          f", {detector.method} paths).")
+
+
 # What runs each command of `_COMMANDS`.
 _HANDLERS = {"dissect": dissect, "subtask": subtask, "report": report,
-             "similarity": similarity}
+             "detect": detect, "similarity": similarity}
 
 
 def _quiet():

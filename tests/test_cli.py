@@ -234,6 +234,38 @@ def test_max_drop_takes_the_python_apis_budget_scope(files, capsys,
         row["budget"] for row in table]
 
 
+def test_detect_fits_scores_and_reuses_a_saved_detector(files, capsys,
+                                                        tmp_path):
+    folder, model, x, y = files
+    common = [f"--model={folder / 'm.keras'}",
+              f"--civs={folder / 'own_civs.npz'}",
+              f"--data={folder / 'data.npz'}"]
+    out, saved = tmp_path / "scores.csv", tmp_path / "detector.npz"
+    assert cli.run(["keras-drnet", "detect", *common,
+                    f"--fit_data={folder / 'data.npz'}",
+                    f"--detector={saved}", f"--out={out}"]) == 0
+    assert "Wrote" in capsys.readouterr().out
+    rows = out.read_text().splitlines()
+    assert rows[0] == "index,predicted,score,flagged" and len(rows) == 41
+    civs = kd.CIVs.load(folder / "own_civs.npz")
+    want = kd.PathDetector(model, civs).fit(x)
+    scores = [float(r.split(",")[2]) for r in rows[1:]]
+    np.testing.assert_allclose(scores, want.score(x), atol=1e-3)
+    predicted = [r.split(",")[1] for r in rows[1:]]
+    assert predicted == [sm.NAMES[i] for i in model.predict(
+        x, verbose=0).argmax(-1)]
+    # The saved detector alone gives the same file.
+    again = tmp_path / "again.csv"
+    assert cli.run(["keras-drnet", "detect", *common, f"--detector={saved}",
+                    f"--out={again}"]) == 0
+    assert again.read_text() == out.read_text()
+    assert "needs --fit_data" in _error(capsys, "detect", *common,
+                                        f"--out={tmp_path / 'x.csv'}")
+    assert ".csv file" in _error(capsys, "detect", *common,
+                                 f"--fit_data={folder / 'data.npz'}",
+                                 f"--out={tmp_path / 'x.txt'}")
+
+
 # ---------------------------------------------------------------------------
 # Nothing silently wrong (issue 25).
 # ---------------------------------------------------------------------------

@@ -59,3 +59,43 @@ def test_repair_study_quick_mode_resumes_where_it_stopped(tmp_path):
     for config in ("cdrp / uniform:0.5 / bn", "cdrp / uniform:0.5 / repair"):
         assert f"| {config} | 2 |" in text
     assert _is_png(tmp_path / "vgg16_w0.125_quick_repair.png")
+
+
+@pytest.mark.slow
+def test_detect_study_quick_mode_writes_the_table_and_plot(tmp_path):
+    _run_example("detect_study.py", f"--output_dir={tmp_path}",
+                 "--methods=activation")
+    text = (tmp_path / "vgg16_w0.125_quick_detect.md").read_text()
+    for score in ("msp", "energy", "path: activation"):
+        assert f"| {score} | mnist | 40 |" in text, text
+    assert _is_png(tmp_path / "vgg16_w0.125_quick_detect.png")
+    # The attacks and scores are cached: a rerun resumes from them.
+    assert (tmp_path / "vgg16_w0.125_quick_detect_cache" /
+            "activation.npz").exists()
+
+
+def test_fgsm_and_pgd_stay_in_the_ball_and_raise_the_loss():
+    import keras
+    import numpy as np
+
+    from examples import cifar_models
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4, 4, 3)),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (16, 4, 4, 3)).astype("float32")  # [0, 1] in
+    y = np.asarray(model(x)).argmax(-1)  # attack the model's own answers
+
+    def loss(images):
+        return float(np.mean(keras.losses.sparse_categorical_crossentropy(
+            y, model(images), from_logits=True)))
+
+    for kind in ("fgsm", "pgd"):
+        adv = cifar_models.adversarial(model, x, y, kind, 8, 1.0)
+        assert np.abs(adv - x).max() <= 8 / 255 + 1e-6
+        assert adv.min() >= 0 and adv.max() <= 1
+        assert loss(adv) > loss(x)
+    fgsm = cifar_models.adversarial(model, x, y, "fgsm", 8, 1.0)
+    inside = (x > 8 / 255) & (x < 1 - 8 / 255)  # not clipped: moved by eps
+    np.testing.assert_allclose(np.abs(fgsm - x)[inside], 8 / 255, atol=1e-6)
