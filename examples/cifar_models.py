@@ -8,6 +8,7 @@ trains one on CIFAR-10 (tfds) or loads it from the cache.
 
 import hashlib
 import os
+import sys
 import time
 
 import keras
@@ -367,3 +368,16 @@ def adversarial(logits_fn, images, labels, kind, eps, high, seed=0):
         x = x + eps / 4 * tf.sign(gradient(tf.clip_by_value(x, 0, high)))
         x = tf.clip_by_value(tf.clip_by_value(x, x0 - eps, x0 + eps), 0, high)
     return np.asarray(x)
+
+
+def run_app(main):
+    """`absl.app.run(main)` for the example scripts, except that `--help`
+    exits 0: absl exits 1 after help, but help asked for is a success."""
+    from absl import app
+    from absl import flags
+
+    if {"-h", "--help", "--helpshort", "--helpfull"} & set(sys.argv[1:]):
+        flags.FLAGS(sys.argv[:1], known_only=True)
+        print(flags.FLAGS.main_module_help())
+        sys.exit(0)
+    app.run(main)

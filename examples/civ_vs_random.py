@@ -16,7 +16,8 @@ import cifar_models
 import keras_drnet as kd
 
 
-def main():
+def main(argv):
+    del argv  # no flags
     model, _, _ = cifar_models.trained("vgg16", 0.5, 30)
     civs = cifar_models.dissected(model, "vgg16_w0.5_e30_s0", 100,
                                   on_top1_change="keep_best")
@@ -46,4 +47,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cifar_models.run_app(main)

@@ -30,7 +30,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
@@ -231,4 +230,4 @@ def _plot(all_scores, sets, tag):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cifar_models.run_app(main)

@@ -34,7 +34,6 @@ import warnings  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
@@ -317,4 +316,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cifar_models.run_app(main)

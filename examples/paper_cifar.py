@@ -28,7 +28,6 @@ import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
@@ -248,4 +247,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cifar_models.run_app(main)

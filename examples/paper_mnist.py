@@ -20,7 +20,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
@@ -142,4 +141,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cifar_models.run_app(main)

@@ -42,7 +42,6 @@ import time  # noqa: E402
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
@@ -348,4 +347,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cifar_models.run_app(main)

@@ -18,7 +18,6 @@ import os
 import time
 
 import numpy as np
-from absl import app
 from absl import flags
 
 _EXPORT = flags.DEFINE_string("export", None, "Write the JPEG .npz here.")
@@ -112,4 +111,6 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    import cifar_models
+
+    cifar_models.run_app(main)

@@ -680,12 +680,13 @@ def detect():
         detector = kd.PathDetector(
             model, civs, method=method,
             false_positive_rate=FLAGS.false_positive_rate,
-        ).fit(images(FLAGS.fit_data))
+        ).fit(images(FLAGS.fit_data), verbose=1)
         if FLAGS.detector is not None:
             detector.save(FLAGS.detector)
     else:
         detector = kd.PathDetector.load(FLAGS.detector, model, civs)
-    scores, logits = detector.score(images(FLAGS.data), return_logits=True)
+    scores, logits = detector.score(images(FLAGS.data), return_logits=True,
+                                    verbose=1)
     flagged = scores > detector.threshold
     with open(FLAGS.out, "w", newline="") as f:
         writer = csv.writer(f)

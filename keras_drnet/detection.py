@@ -15,6 +15,7 @@ import numpy as np
 from keras import ops
 
 from keras_drnet.batching import BatchRunner
+from keras_drnet.batching import Progress
 from keras_drnet.batching import image_batches
 from keras_drnet.batching import is_number
 from keras_drnet.batching import model_input_shape
@@ -150,10 +151,13 @@ class PathDetector:
 
         return step
 
-    def similarities(self, images):
+    def similarities(self, images, verbose=0):
         """`(similarities [N, F], logits [N, classes])` of `images` (an
-        array or a dataset of images, preprocessed as the model expects)."""
+        array or a dataset of images, preprocessed as the model expects);
+        `verbose=1` shows progress."""
         features, logits = [], []
+        target = len(images) if isinstance(images, np.ndarray) else None
+        progress = Progress(target, verbose)
         for batch in image_batches(images, self._run.batch_size,
                                    self._input_shape, self._dtype):
             if not np.isfinite(batch).all():
@@ -164,18 +168,20 @@ class PathDetector:
             f, z = self._run(batch)
             features.append(f)
             logits.append(z)
+            progress.add(len(batch))
+        progress.finish()
         if not features:
             raise ValueError("`images` is empty: nothing to score.")
         return np.concatenate(features), np.concatenate(logits)
 
-    def fit(self, clean_images):
+    def fit(self, clean_images, verbose=0):
         """Learns the clean statistics and the threshold; returns `self`.
 
         `clean_images`: held out from the dissection, not labelled (the
         predicted class is the one compared). Every class the model
         predicts on them should have a few dozen images.
         """
-        features, logits = self.similarities(clean_images)
+        features, logits = self.similarities(clean_images, verbose)
         classes = logits.argmax(-1)
         num_classes = self.civs.num_classes
         means = np.zeros((num_classes, features.shape[1]))
@@ -208,11 +214,11 @@ class PathDetector:
                 "`detector.fit(clean_images)` (or `PathDetector.load`) first."
             )
 
-    def score(self, images, return_logits=False):
+    def score(self, images, return_logits=False, verbose=0):
         """One anomaly score per image (higher: less like its predicted
         class's path); with `return_logits`, `(scores, logits)`."""
         self._check_fitted()
-        features, logits = self.similarities(images)
+        features, logits = self.similarities(images, verbose)
         scores = self._distance(features, logits.argmax(-1))
         return (scores, logits) if return_logits else scores
 

@@ -170,3 +170,14 @@ def test_quickstart_without_data_or_network_ends_in_one_clear_message(
     message = exit_info.value.code
     assert "Could not download CIFAR-10" in message
     assert "TFDS_DATA_DIR" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("script", ["repair_study.py", "detect_study.py"])
+def test_study_help_exits_zero_and_lists_its_flags(script):
+    # (Every study ends in `cifar_models.run_app`; two stand for them.)
+    result = subprocess.run(
+        [sys.executable, f"examples/{script}", "--help"], cwd=ROOT,
+        env=sm.env_with_tfds(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--model_path" in result.stdout
