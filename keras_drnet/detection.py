@@ -27,29 +27,34 @@ from keras_drnet.gate_fitting import CDRP
 from keras_drnet.model_surgery import gated_copy
 from keras_drnet.selection import gate_spans
 
-MEASURES = ("cosine", "overlap")
+MEASURES = ("cosine", "overlap", "norm")
 _FORMAT_VERSION = 1
 
 
 class PathDetector:
     """Scores how far each image's routing path is from its class's.
 
-    For an image predicted as class `c`, every gate `g` gives two
-    similarities between the image's path on that gate and `c`'s CIV:
-    `"cosine"`, and `"overlap"` (the IoU of their top `budget` channels, the
-    paper family's measure). `fit(clean_images)` learns, on held-out clean
-    images, each class's mean of these per-gate similarities and their
-    pooled covariance; an image's score is the Mahalanobis distance of its
-    similarities from its class's mean (a combination over layers learned
-    on clean images only): higher is less like its class. The threshold is
-    the clean scores' `1 - false_positive_rate` quantile.
+    For an image predicted as class `c`, every gate `g` gives similarities
+    between the image's path on that gate and `c`'s CIV: `"cosine"`,
+    `"overlap"` (the IoU of their top `budget` channels, the paper
+    family's measure) and `"norm"` (the log ratio of their lengths: how
+    strongly the image drives the gate, against the class's images).
+    `fit(clean_images)` learns, on held-out clean images, each class's mean
+    of these per-gate numbers and their pooled covariance; an image's score
+    is the Mahalanobis distance of its numbers from its class's mean (a
+    combination over layers learned on clean images only): higher is less
+    like its class. The threshold is the clean scores' `1 -
+    false_positive_rate` quantile. With a list of CIVs (one model, e.g.
+    activation and Taylor), the paths of each CIVs' method are compared
+    with its vectors, and all the numbers enter one distance.
 
     Args:
         model: the classifier the CIVs were dissected from.
-        civs: `keras_drnet.CIVs` of `model`, one for every class.
+        civs: `keras_drnet.CIVs` of `model`, with every class's vector, or
+            a list of them.
         method: the path: `"taylor"`, `"activation"`, `"frat"` or
             `"cdrp"`; defaults to the CIVs' own method (their scale).
-        measures: tuple of `"cosine"` and/or `"overlap"`.
+        measures: tuple of `"cosine"`, `"overlap"`, `"norm"`.
         budget: float in (0, 1], the fraction of a gate's channels
             `"overlap"` compares.
         false_positive_rate: float in (0, 1), on the `fit` images.
@@ -68,20 +73,39 @@ class PathDetector:
     ```
     """
 
-    def __init__(self, model, civs, method=None, measures=MEASURES,
+    def __init__(self, model, civs, method=None, measures=("cosine", "overlap"),
                  budget=1 / 3, false_positive_rate=0.05, batch_size=64,
                  ridge=1e-3):
-        if not isinstance(civs, CIVs):
-            raise TypeError(
-                "`civs` must be `keras_drnet.CIVs` (from `keras_drnet."
-                f"dissect()` or `CIVs.load()`). Received: {type(civs).__name__}"
-            )
-        missing = [n for n, c in zip(civs.class_names, civs.counts) if not c]
-        if missing:
+        several = isinstance(civs, (list, tuple))
+        civs_list = list(civs) if several else [civs]
+        for one in civs_list:
+            if not isinstance(one, CIVs):
+                raise TypeError(
+                    "`civs` must be `keras_drnet.CIVs` (from `keras_drnet."
+                    "dissect()` or `CIVs.load()`), or a list of them. "
+                    f"Received: {type(one).__name__}"
+                )
+            missing = [n for n, c in zip(one.class_names, one.counts)
+                       if not c]
+            if missing:
+                raise ValueError(
+                    f"The CIVs have no vector for {missing}: the detector "
+                    "compares an image with the class the model predicts, "
+                    "so it needs every class's. Dissect images of those "
+                    "classes too."
+                )
+        if not civs_list:
+            raise ValueError("`civs` is an empty list: pass one CIVs or more.")
+        if several and method is not None:
             raise ValueError(
-                f"The CIVs have no vector for {missing}: the detector "
-                "compares an image with the class the model predicts, so it "
-                "needs every class's. Dissect images of those classes too."
+                "With a list of CIVs each gives its path method (its own): "
+                f"drop `method`. Received: method={method!r}"
+            )
+        if len({(c.fingerprint, tuple(c.class_names))
+                for c in civs_list}) > 1:
+            raise ValueError(
+                "The CIVs of the list come from different models (or name "
+                "the classes differently): pass CIVs of one model."
             )
         measures = tuple(measures)
         if not measures or any(m not in MEASURES for m in measures):
@@ -103,29 +127,40 @@ class PathDetector:
                 )
         if not (is_number(ridge) and ridge >= 0):
             raise ValueError(f"`ridge` must be >= 0. Received: ridge={ridge!r}")
-        own = civs.config.get("method", "cdrp")
-        self.method = own if method is None else method
+        self.methods = tuple(
+            c.config.get("method", "cdrp") if method is None else method
+            for c in civs_list
+        )
         self.model = model
         self.civs = civs
+        self._civs_list = civs_list
         self.measures = measures
         self.budget = float(budget)
         self.false_positive_rate = float(false_positive_rate)
         self.ridge = float(ridge)
         self.means = self.precision = self.threshold = None
-        options = None
-        if self.method == "cdrp" and own == "cdrp":
-            # The CIVs' own fitting options: the references' scale.
-            fields = CDRP.__dataclass_fields__
-            options = CDRP(**{k: v for k, v in civs.config.items()
-                              if k in fields})
-        scorer = path_scorer(gated_copy(model, civs), self.method, options)
+        scorers = []
+        for one, name in zip(civs_list, self.methods):
+            options = None
+            if name == "cdrp" and one.config.get("method", "cdrp") == "cdrp":
+                # The CIVs' own fitting options: the references' scale.
+                fields = CDRP.__dataclass_fields__
+                options = CDRP(**{k: v for k, v in one.config.items()
+                                  if k in fields})
+            scorers.append(path_scorer(gated_copy(model, one), name, options))
         self._input_shape, self._dtype = model_input_shape(model)
-        self._run = BatchRunner(self._step(scorer), batch_size)
+        self._run = BatchRunner(self._step(scorers), batch_size)
 
-    def _step(self, scorer):
+    @property
+    def method(self):
+        """The path method(s), e.g. `"taylor"` or `"activation+taylor"`."""
+        return "+".join(self.methods)
+
+    def _step(self, scorers):
         """`(images, labels) -> (similarities [batch, F], logits)`."""
-        references = ops.convert_to_tensor(self.civs.vectors, "float32")
-        spans = gate_spans(self.civs.layout)
+        references = [ops.convert_to_tensor(c.vectors, "float32")
+                      for c in self._civs_list]
+        spans = gate_spans(self._civs_list[0].layout)
         counts = [max(1, int(round(self.budget * (b - a)))) for a, b in spans]
         measures = self.measures
 
@@ -134,9 +169,15 @@ class PathDetector:
             return ops.sum(ops.one_hot(order, part.shape[-1]), axis=1)
 
         def step(images, labels):
-            paths, logits = scorer.path_batch(images)
-            paths = ops.cast(paths, "float32")
-            reference = ops.take(references, ops.argmax(logits, -1), axis=0)
+            features, logits = [], None
+            for scorer, vectors in zip(scorers, references):
+                paths, logits = scorer.path_batch(images)
+                features += similarities(ops.cast(paths, "float32"),
+                                         vectors, ops.argmax(logits, -1))
+            return ops.stack(features, axis=1), logits
+
+        def similarities(paths, vectors, classes):
+            reference = ops.take(vectors, classes, axis=0)
             features = []
             for (a, b), count in zip(spans, counts):
                 p, r = paths[:, a:b], reference[:, a:b]
@@ -147,7 +188,10 @@ class PathDetector:
                 if "overlap" in measures:
                     shared = ops.sum(top(p, count) * top(r, count), axis=1)
                     features.append(shared / (2 * count - shared))
-            return ops.stack(features, axis=1), logits
+                if "norm" in measures:
+                    features.append(ops.log(ops.norm(p, axis=1) + 1e-12)
+                                    - ops.log(ops.norm(r, axis=1) + 1e-12))
+            return features
 
         return step
 
@@ -183,7 +227,7 @@ class PathDetector:
         """
         features, logits = self.similarities(clean_images, verbose)
         classes = logits.argmax(-1)
-        num_classes = self.civs.num_classes
+        num_classes = self._civs_list[0].num_classes
         means = np.zeros((num_classes, features.shape[1]))
         overall = features.mean(axis=0)
         for c in range(num_classes):
@@ -228,7 +272,8 @@ class PathDetector:
 
     def get_config(self):
         return {
-            "method": self.method,
+            # With several CIVs, each gives its own.
+            "method": self.method if len(self.methods) == 1 else None,
             "measures": list(self.measures),
             "budget": self.budget,
             "false_positive_rate": self.false_positive_rate,
@@ -248,7 +293,7 @@ class PathDetector:
             "format_version": _FORMAT_VERSION,
             "config": self.get_config(),
             "threshold": self.threshold,
-            "model_fingerprint": self.civs.fingerprint,
+            "model_fingerprint": self._civs_list[0].fingerprint,
             "civs_checksum": _civs_checksum(self.civs),
         }
         atomic_savez(path, means=self.means, precision=self.precision,
@@ -291,9 +336,13 @@ class PathDetector:
 def _civs_checksum(civs):
     import hashlib
 
-    return hashlib.sha256(
-        np.ascontiguousarray(civs.vectors, "float32").tobytes()
-    ).hexdigest()
+    digest = hashlib.sha256()
+    for one in civs if isinstance(civs, (list, tuple)) else [civs]:
+        if not isinstance(one, CIVs):
+            raise TypeError(f"`civs` must be `keras_drnet.CIVs`, or a list "
+                            f"of them. Received: {type(one).__name__}")
+        digest.update(np.ascontiguousarray(one.vectors, "float32").tobytes())
+    return digest.hexdigest()
 
 
 def auroc(negatives, positives):

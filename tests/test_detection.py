@@ -64,6 +64,32 @@ def test_save_load_round_trip_and_refusals(setup, tmp_path):
         kd.PathDetector.load(path, model, civs)
 
 
+def test_a_list_of_civs_combines_their_paths(setup, tmp_path):
+    model, civs, fit, held_out, other = setup
+    data_civs = kd.dissect(model, (fit, np.arange(len(fit)) % 10),
+                           samples_per_class=20, method="taylor",
+                           class_names=dm.CLASS_NAMES, verbose=0)
+    both = kd.PathDetector(model, [civs, data_civs],
+                           measures=("cosine", "norm")).fit(fit)
+    assert both.method == "activation+taylor"
+    alone = kd.PathDetector(model, civs, measures=("cosine", "norm")).fit(fit)
+    features, _ = both.similarities(held_out[:20])
+    single, _ = alone.similarities(held_out[:20])
+    # The first CIVs' numbers come first, then the second's.
+    np.testing.assert_allclose(features[:, :single.shape[1]], single,
+                               rtol=1e-5, atol=1e-6)
+    assert features.shape[1] == 2 * single.shape[1]
+    path = tmp_path / "both.npz"
+    both.save(path)
+    loaded = kd.PathDetector.load(path, model, [civs, data_civs])
+    np.testing.assert_allclose(loaded.score(other[:20]),
+                               both.score(other[:20]), rtol=1e-5)
+    with pytest.raises(ValueError, match="another model or other CIVs"):
+        kd.PathDetector.load(path, model, civs)
+    with pytest.raises(ValueError, match="drop `method`"):
+        kd.PathDetector(model, [civs, data_civs], method="taylor")
+
+
 def test_bad_input_is_named(setup):
     model, civs, fit, _, _ = setup
     detector = kd.PathDetector(model, civs)
