@@ -34,7 +34,8 @@ _S, _I, _F, _B, _L = (
 )
 for _define, _name, _default, _help in [
     (_S, "model", None, "The trained classifier, a .keras file."),
-    (_S, "civs", None, "A CIVs file written by `dissect`."),
+    (_S, "civs", None, "A CIVs file written by `dissect` (detect: one or "
+     "several, e.g. act.npz,taylor.npz, whose paths it combines)."),
     (_S, "out", None, "Where to write the result."),
     (_S, "dataset", None, "A tfds dataset name, e.g. cifar10."),
     (_S, "split", None, "The tfds split (dissect and subtask: train, "
@@ -167,9 +168,16 @@ def _check_flags(name):
             f"See `keras-drnet {name} --help`."
         )
     for flag in ("model", "civs"):
-        path = FLAGS[flag].value
-        if flag in names and path is not None and not os.path.exists(path):
-            raise UsageError(f"--{flag}={path}: no such file.")
+        value = FLAGS[flag].value
+        if flag not in names or value is None:
+            continue
+        paths = value.split(",") if flag == "civs" else [value]
+        if len(paths) > 1 and name != "detect":
+            raise UsageError(f"--civs={value}: `{name}` takes one CIVs file "
+                             "(`detect` combines several).")
+        for path in paths:
+            if not os.path.exists(path):
+                raise UsageError(f"--{flag}={path}: no such file.")
 
 
 _COMMANDS_FLAGS = {f for _, names, _ in _COMMANDS.values() for f in names}
@@ -329,6 +337,8 @@ def _model():
 def _civs():
     from keras_drnet.civ import CIVs
 
+    if "," in FLAGS.civs:  # detect's list (other commands refuse one)
+        return [CIVs.load(path) for path in FLAGS.civs.split(",")]
     civs = CIVs.load(FLAGS.civs)
     # Class names are checked before TensorFlow starts (`index` raises
     # with the closest name).
@@ -667,7 +677,7 @@ def detect():
                          ".npz file.")
     civs = _civs()
     model = _model()
-    names = civs.class_names
+    names = (civs[0] if isinstance(civs, list) else civs).class_names
 
     def images(spec):
         ds = _data(spec, names)[0]
