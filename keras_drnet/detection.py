@@ -42,11 +42,14 @@ class PathDetector:
     `fit(clean_images)` learns, on held-out clean images, each class's mean
     of these per-gate numbers and their pooled covariance; an image's score
     is the Mahalanobis distance of its numbers from its class's mean (a
-    combination over layers learned on clean images only): higher is less
-    like its class. The threshold is the clean scores' `1 -
-    false_positive_rate` quantile. With a list of CIVs (one model, e.g.
-    activation and Taylor), the paths of each CIVs' method are compared
-    with its vectors, and all the numbers enter one distance.
+    combination over layers learned on clean images only), in units of the
+    clean distances' `1 - false_positive_rate` quantile: higher is less
+    like its class, and above about 1 is unusual. With a list of CIVs (one
+    model, e.g. activation and Taylor) each CIVs' method gives a path and a
+    distance so scaled, and the largest is the score: an image is as odd
+    as its oddest path (activation paths catch images of another data set,
+    Taylor paths adversarial ones; docs/results.md). The threshold is the
+    clean scores' quantile.
 
     Args:
         model: the classifier the CIVs were dissected from.
@@ -73,7 +76,7 @@ class PathDetector:
     ```
     """
 
-    def __init__(self, model, civs, method=None, measures=("cosine", "overlap"),
+    def __init__(self, model, civs, method=None, measures=MEASURES,
                  budget=1 / 3, false_positive_rate=0.05, batch_size=64,
                  ridge=1e-3):
         several = isinstance(civs, (list, tuple))
@@ -138,7 +141,7 @@ class PathDetector:
         self.budget = float(budget)
         self.false_positive_rate = float(false_positive_rate)
         self.ridge = float(ridge)
-        self.means = self.precision = self.threshold = None
+        self.means = self.precision = self.scales = self.threshold = None
         scorers = []
         for one, name in zip(civs_list, self.methods):
             options = None
@@ -228,28 +231,48 @@ class PathDetector:
         features, logits = self.similarities(clean_images, verbose)
         classes = logits.argmax(-1)
         num_classes = self._civs_list[0].num_classes
-        means = np.zeros((num_classes, features.shape[1]))
-        overall = features.mean(axis=0)
-        for c in range(num_classes):
-            mine = features[classes == c]
-            # A class predicted for no clean image falls back on the mean
-            # of all (its images are then scored against everyone's).
-            means[c] = mine.mean(axis=0) if len(mine) else overall
-        centred = features - means[classes]
-        covariance = centred.T @ centred / max(len(features) - 1, 1)
-        scale = float(np.mean(np.diag(covariance))) or 1.0
-        covariance += self.ridge * scale * np.eye(len(covariance))
-        self.means = means.astype("float32")
-        self.precision = np.linalg.inv(covariance).astype("float32")
-        clean = self._distance(features, classes)
-        self.threshold = float(np.quantile(clean,
-                                           1 - self.false_positive_rate))
+        blocks = np.split(features, len(self._civs_list), axis=1)
+        means, precisions, scales = [], [], []
+        for block in blocks:
+            mean = np.zeros((num_classes, block.shape[1]))
+            for c in range(num_classes):
+                mine = block[classes == c]
+                # A class predicted for no clean image falls back on the
+                # mean of all (its images are scored against everyone's).
+                mean[c] = mine.mean(axis=0) if len(mine) else block.mean(0)
+            centred = block - mean[classes]
+            covariance = centred.T @ centred / max(len(block) - 1, 1)
+            size = float(np.mean(np.diag(covariance))) or 1.0
+            covariance += self.ridge * size * np.eye(len(covariance))
+            means.append(mean)
+            precisions.append(np.linalg.inv(covariance))
+            scales.append(1.0)
+        self.means = np.stack(means).astype("float32")
+        self.precision = np.stack(precisions).astype("float32")
+        quantile = 1 - self.false_positive_rate
+        # Each path's distance in units of its own clean quantile, so that
+        # the largest (the path that looks least like its class) decides.
+        self.scales = np.array(
+            [np.quantile(d, quantile) or 1.0
+             for d in self._distances(features, classes)], "float32")
+        self.threshold = float(np.quantile(
+            self._combined(features, classes), quantile))
         return self
 
-    def _distance(self, features, classes):
-        centred = features - self.means[classes]
-        return np.sqrt(np.maximum(
-            np.einsum("ij,jk,ik->i", centred, self.precision, centred), 0))
+    def _distances(self, features, classes):
+        """Each path's Mahalanobis distance from its class's clean mean."""
+        blocks = np.split(features, len(self.means), axis=1)
+        out = []
+        for block, mean, precision in zip(blocks, self.means, self.precision):
+            centred = block - mean[classes]
+            out.append(np.sqrt(np.maximum(np.einsum(
+                "ij,jk,ik->i", centred, precision, centred), 0)))
+        return out
+
+    def _combined(self, features, classes):
+        distances = self._distances(features, classes)
+        return np.max([d / s for d, s in zip(distances, self.scales)],
+                      axis=0)
 
     def _check_fitted(self):
         if self.threshold is None:
@@ -263,7 +286,7 @@ class PathDetector:
         class's path); with `return_logits`, `(scores, logits)`."""
         self._check_fitted()
         features, logits = self.similarities(images, verbose)
-        scores = self._distance(features, logits.argmax(-1))
+        scores = self._combined(features, logits.argmax(-1))
         return (scores, logits) if return_logits else scores
 
     def predict(self, images):
@@ -293,6 +316,7 @@ class PathDetector:
             "format_version": _FORMAT_VERSION,
             "config": self.get_config(),
             "threshold": self.threshold,
+            "scales": self.scales.tolist(),
             "model_fingerprint": self._civs_list[0].fingerprint,
             "civs_checksum": _civs_checksum(self.civs),
         }
@@ -329,6 +353,7 @@ class PathDetector:
             )
         detector = cls(model, civs, **config)
         detector.means, detector.precision = means, precision
+        detector.scales = np.asarray(metadata["scales"], "float32")
         detector.threshold = float(metadata["threshold"])
         return detector
 

@@ -79,6 +79,10 @@ def test_a_list_of_civs_combines_their_paths(setup, tmp_path):
     np.testing.assert_allclose(features[:, :single.shape[1]], single,
                                rtol=1e-5, atol=1e-6)
     assert features.shape[1] == 2 * single.shape[1]
+    # The score is the larger of the two paths' scaled distances: at least
+    # the activation path's alone (same fit, same scale).
+    assert np.all(both.score(other) >= alone.score(other) - 1e-5)
+    assert np.mean(both.predict(fit)) == pytest.approx(0.05, abs=0.01)
     path = tmp_path / "both.npz"
     both.save(path)
     loaded = kd.PathDetector.load(path, model, [civs, data_civs])
