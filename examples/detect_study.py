@@ -35,11 +35,14 @@ from absl import logging  # noqa: E402
 
 import cifar_models  # noqa: E402
 import keras_drnet as kd  # noqa: E402
+from keras_drnet.detection import MEASURES  # noqa: E402
 from keras_drnet.detection import auroc  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model_path", None, "A CIFAR-10 classifier.")
-_METHODS = flags.DEFINE_list("methods", ["activation", "taylor", "cdrp"],
-                             "Path methods (each with its own CIVs).")
+_METHODS = flags.DEFINE_list(
+    "methods", ["activation", "taylor", "activation+taylor", "cdrp"],
+    "Path methods, each with its own CIVs; a+b: one detector over both "
+    "(kd.PathDetector with a list of CIVs).")
 _FIT = flags.DEFINE_integer("fit_images", 1000, "Clean images to fit on.")
 _EVAL = flags.DEFINE_integer("eval_images", 1000, "Held-out clean images.")
 _CDRP_IMAGES = flags.DEFINE_integer(
@@ -154,11 +157,12 @@ def main(argv):
 
     all_scores = {}
     for method in _METHODS.value:
-        civs = cifar_models.dissected(
+        civs = [cifar_models.dissected(
             model, tag, 5 if quick else _SAMPLES.value, quick=quick,
-            **({"on_top1_change": "keep_best"} if method == "cdrp"
-               else {"method": method}))
-        limit = cdrp_n if method == "cdrp" else None
+            **({"on_top1_change": "keep_best"} if part == "cdrp"
+               else {"method": part})) for part in method.split("+")]
+        civs = civs[0] if len(civs) == 1 else civs
+        limit = cdrp_n if "cdrp" in method else None
         subsets = {n: a[:limit] for n, a in sets.items()}
 
         def make():
@@ -173,7 +177,10 @@ def main(argv):
             out["fit_seconds"] = np.array(fit_seconds)
             return out
 
-        scores = _cached(os.path.join(cache, f"{method}.npz"), make)
+        # The key names the detector's default measures: other defaults,
+        # another cache file.
+        key = "_".join(MEASURES)
+        scores = _cached(os.path.join(cache, f"{method}_{key}.npz"), make)
         all_scores[method] = scores
         add(f"path: {method}", scores, float(scores["seconds"]))
 

@@ -71,7 +71,7 @@ def test_detect_study_quick_mode_writes_the_table_and_plot(tmp_path):
     assert _is_png(tmp_path / "vgg16_w0.125_quick_detect.png")
     # The attacks and scores are cached: a rerun resumes from them.
     assert (tmp_path / "vgg16_w0.125_quick_detect_cache" /
-            "activation.npz").exists()
+            "activation_cosine_overlap_norm.npz").exists()
 
 
 def test_fgsm_and_pgd_stay_in_the_ball_and_raise_the_loss():
