@@ -119,3 +119,26 @@ def test_auroc_matches_its_definition():
     want = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
     assert auroc(neg, pos) == pytest.approx(want)
     assert auroc([0, 0], [0, 0]) == 0.5
+
+
+@pytest.mark.slow
+def test_readme_detect_snippet_runs_as_written(setup, tmp_path, monkeypatch,
+                                               tmp_path_factory):
+    from _readme import readme_blocks
+
+    model, _, fit, held_out, other = setup
+    monkeypatch.chdir(tmp_path)
+    data = dm.trained(tmp_path_factory)  # cached: the setup's model
+    scope = {
+        "kd": kd, "model": model, "names": dm.CLASS_NAMES,
+        "train": tf.data.Dataset.from_tensor_slices(
+            (data["x_train"], data["y_train"])),
+        "test": tf.data.Dataset.from_tensor_slices(
+            (data["x_test"], data["y_test"])),
+        "images": other,
+    }
+    (block,) = readme_blocks("## Detect odd inputs", 1)
+    exec(block, scope)
+    assert scope["detector"].method == "activation+taylor"
+    assert scope["flagged"].mean() > 0.5  # CIFAR-10 in an MNIST model
+    assert (tmp_path / "detector.npz").exists()
