@@ -383,10 +383,10 @@ def dissect():
           f"{civs.total_channels} channels in {len(civs.layout)} gates.")
 
 
-def _check_writable(path):
+def _check_writable(path, flag="out"):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise UsageError(f"--out={path}: folder {folder} does not exist.")
+        raise UsageError(f"--{flag}={path}: folder {folder} does not exist.")
 
 
 def _subtask(model, civs, calibrate=None):
@@ -667,21 +667,34 @@ def detect():
         raise UsageError(f"--out={FLAGS.out}: the scores are written to a "
                          ".csv file, e.g. --out=scores.csv.")
     _check_writable(FLAGS.out)
-    if FLAGS.fit_data is None and (FLAGS.detector is None
-                                   or not os.path.exists(FLAGS.detector)):
-        raise UsageError("`detect` needs --fit_data (clean held-out images "
-                         "to fit on) or --detector=FILE written by an earlier "
-                         "fit.")
-    if FLAGS.detector is not None and not FLAGS.detector.endswith(".npz"):
-        raise UsageError(f"--detector={FLAGS.detector}: a detector is an "
-                         ".npz file.")
+    if FLAGS.detector is not None:
+        if not FLAGS.detector.endswith(".npz"):
+            raise UsageError(f"--detector={FLAGS.detector}: a detector is "
+                             "an .npz file.")
+        _check_writable(FLAGS.detector, "detector")
+    if FLAGS.fit_data is None:
+        if FLAGS.detector is None:
+            raise UsageError("`detect` needs --fit_data (clean held-out "
+                             "images to fit on) or --detector=FILE written by "
+                             "an earlier fit.")
+        if not os.path.exists(FLAGS.detector):
+            raise UsageError(f"--detector={FLAGS.detector}: no such file "
+                             "(pass --fit_data to fit and write it).")
+        given = [f for f in ("method", "false_positive_rate")
+                 if FLAGS[f].present]
+        if given:
+            raise UsageError(
+                f"--{', --'.join(given)} set how a detector is fitted; "
+                f"--detector={FLAGS.detector} is fitted already: drop them, "
+                "or pass --fit_data to fit anew."
+            )
     civs = _civs()
     model = _model()
     names = (civs[0] if isinstance(civs, list) else civs).class_names
 
     def images(spec):
-        ds = _data(spec, names)[0]
-        return np.stack([x for x, _ in ds.as_numpy_iterator()])
+        # Streamed: the detector reads datasets batch by batch.
+        return _data(spec, names)[0].map(lambda x, y: x)
 
     # The method flag's default is dissect's; the detector's default is
     # the CIVs' own method, unless --method is given.

@@ -17,6 +17,7 @@ from keras import ops
 from keras_drnet.batching import BatchRunner
 from keras_drnet.batching import Progress
 from keras_drnet.batching import image_batches
+from keras_drnet.batching import is_int
 from keras_drnet.batching import is_number
 from keras_drnet.batching import model_input_shape
 from keras_drnet.civ import CIVs
@@ -104,10 +105,11 @@ class PathDetector:
                 "With a list of CIVs each gives its path method (its own): "
                 f"drop `method`. Received: method={method!r}"
             )
-        if len({(c.fingerprint, tuple(c.class_names))
+        if len({(c.fingerprint, tuple(c.class_names), tuple(c.layout))
                 for c in civs_list}) > 1:
             raise ValueError(
-                "The CIVs of the list come from different models (or name "
+                "The CIVs of the list come from different models (or gate "
+                "them differently, or name "
                 "the classes differently): pass CIVs of one model."
             )
         measures = tuple(measures)
@@ -128,8 +130,14 @@ class PathDetector:
                     f"{')' if name == 'false_positive_rate' else ']'}. "
                     f"Received: {name}={value!r}"
                 )
-        if not (is_number(ridge) and ridge >= 0):
-            raise ValueError(f"`ridge` must be >= 0. Received: ridge={ridge!r}")
+        if not (is_number(ridge) and 0 < ridge < float("inf")):
+            raise ValueError(
+                "`ridge` must be a finite number > 0 (it keeps the "
+                f"covariance invertible). Received: ridge={ridge!r}"
+            )
+        if not is_int(batch_size) or batch_size < 1:
+            raise ValueError("`batch_size` must be a positive int. Received: "
+                             f"batch_size={batch_size!r}")
         self.methods = tuple(
             c.config.get("method", "cdrp") if method is None else method
             for c in civs_list
@@ -137,6 +145,7 @@ class PathDetector:
         self.model = model
         self.civs = civs
         self._civs_list = civs_list
+        self._several = several
         self.measures = measures
         self.budget = float(budget)
         self.false_positive_rate = float(false_positive_rate)
@@ -168,8 +177,10 @@ class PathDetector:
         measures = self.measures
 
         def top(part, count):
-            _, order = ops.top_k(part, count)
-            return ops.sum(ops.one_hot(order, part.shape[-1]), axis=1)
+            # 0/1: the `count` highest (ties at the cut kept too); no
+            # one-hot of the indices, which would be [batch, count, gate].
+            cut = ops.top_k(part, count)[0][:, -1:]
+            return ops.cast(ops.greater_equal(part, cut), "float32")
 
         def step(images, labels):
             features, logits = [], None
@@ -189,8 +200,10 @@ class PathDetector:
                     features.append(ops.sum(p * r, axis=1)
                                     / ops.maximum(norms, 1e-12))
                 if "overlap" in measures:
-                    shared = ops.sum(top(p, count) * top(r, count), axis=1)
-                    features.append(shared / (2 * count - shared))
+                    mp, mr = top(p, count), top(r, count)
+                    shared = ops.sum(mp * mr, axis=1)
+                    union = ops.sum(mp, axis=1) + ops.sum(mr, axis=1) - shared
+                    features.append(shared / ops.maximum(union, 1.0))
                 if "norm" in measures:
                     features.append(ops.log(ops.norm(p, axis=1) + 1e-12)
                                     - ops.log(ops.norm(r, axis=1) + 1e-12))
@@ -226,7 +239,10 @@ class PathDetector:
 
         `clean_images`: held out from the dissection, not labelled (the
         predicted class is the one compared). Every class the model
-        predicts on them should have a few dozen images.
+        predicts on them should have a few dozen images. The statistics
+        and the threshold come from the same images, so on new clean
+        images the rate is somewhat above `false_positive_rate` (8.3% of 300
+        held-out digits at 5% on the MNIST model of the tests).
         """
         features, logits = self.similarities(clean_images, verbose)
         classes = logits.argmax(-1)
@@ -296,7 +312,7 @@ class PathDetector:
     def get_config(self):
         return {
             # With several CIVs, each gives its own.
-            "method": self.method if len(self.methods) == 1 else None,
+            "method": None if self._several else self.method,
             "measures": list(self.measures),
             "budget": self.budget,
             "false_positive_rate": self.false_positive_rate,
@@ -329,33 +345,43 @@ class PathDetector:
         path = os.fspath(path)
         try:
             with np.load(path, allow_pickle=False) as data:
-                means, precision = data["means"], data["precision"]
                 metadata = json.loads(str(data["metadata"]))
+                version = metadata["format_version"]
+                if version != _FORMAT_VERSION:
+                    raise _Version(version)
+                means, precision = data["means"], data["precision"]
             config = metadata["config"]
-            version = metadata["format_version"]
+            fitted = (metadata["model_fingerprint"],
+                      metadata["civs_checksum"], metadata["scales"],
+                      metadata["threshold"])
         except FileNotFoundError:
             raise
+        except _Version as error:
+            raise ValueError(
+                f"{path!r} is a PathDetector of format {error.args[0]}; this "
+                f"version reads {_FORMAT_VERSION}."
+            ) from None
         except Exception as error:  # numpy and zipfile raise many kinds
             raise ValueError(
                 f"Could not read a PathDetector from {path!r}: the file is "
                 f"damaged or not one ({type(error).__name__}: {error})."
             ) from None
-        if version != _FORMAT_VERSION:
-            raise ValueError(
-                f"{path!r} is a PathDetector of format {version}; this "
-                f"version reads {_FORMAT_VERSION}."
-            )
-        if (metadata["model_fingerprint"] != model_fingerprint(model)
-                or metadata["civs_checksum"] != _civs_checksum(civs)):
+        fingerprint, checksum, scales, threshold = fitted
+        if (fingerprint != model_fingerprint(model)
+                or checksum != _civs_checksum(civs)):
             raise ValueError(
                 f"{path!r} was fitted for another model or other CIVs: pass "
                 "the model and CIVs it was fitted with, or fit it again."
             )
         detector = cls(model, civs, **config)
         detector.means, detector.precision = means, precision
-        detector.scales = np.asarray(metadata["scales"], "float32")
-        detector.threshold = float(metadata["threshold"])
+        detector.scales = np.asarray(scales, "float32")
+        detector.threshold = float(threshold)
         return detector
+
+
+class _Version(Exception):
+    """A detector file of another format version."""
 
 
 def _civs_checksum(civs):
@@ -374,8 +400,13 @@ def auroc(negatives, positives):
     """Area under the ROC curve of scores where `positives` should be
     higher (the probability that a random positive outscores a random
     negative, ties counting half)."""
-    negatives = np.asarray(negatives, "float64")
-    positives = np.asarray(positives, "float64")
+    negatives = np.asarray(negatives, "float64").ravel()
+    positives = np.asarray(positives, "float64").ravel()
+    if not (len(negatives) and len(positives)):
+        raise ValueError("`auroc` needs scores on both sides. Received: "
+                         f"{len(negatives)} and {len(positives)}")
+    if not (np.isfinite(negatives).all() and np.isfinite(positives).all()):
+        raise ValueError("`auroc` needs finite scores.")
     scores = np.concatenate([negatives, positives])
     ranks = _average_ranks(scores)
     n, p = len(negatives), len(positives)

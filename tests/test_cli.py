@@ -261,6 +261,12 @@ def test_detect_fits_scores_and_reuses_a_saved_detector(files, capsys,
     assert again.read_text() == out.read_text()
     assert "needs --fit_data" in _error(capsys, "detect", *common,
                                         f"--out={tmp_path / 'x.csv'}")
+    assert "no such file" in _error(capsys, "detect", *common,
+                                    f"--detector={tmp_path / 'nope.npz'}",
+                                    f"--out={tmp_path / 'x.csv'}")
+    assert "fitted already" in _error(capsys, "detect", *common,
+                                      f"--detector={saved}", "--method=taylor",
+                                      f"--out={tmp_path / 'x.csv'}")
     assert "takes one CIVs file" in _error(
         capsys, "report", f"--civs={folder / 'own_civs.npz'},x.npz",
         "--model=" + str(folder / "m.keras"), "--classes=cat")
