@@ -177,10 +177,15 @@ class PathDetector:
         measures = self.measures
 
         def top(part, count):
-            # 0/1: the `count` highest (ties at the cut kept too); no
-            # one-hot of the indices, which would be [batch, count, gate].
-            cut = ops.top_k(part, count)[0][:, -1:]
-            return ops.cast(ops.greater_equal(part, cut), "float32")
+            # 0/1: each row's `count` highest, as `top_k` picks them (the
+            # lower index first among ties), scattered by (row, channel):
+            # a one-hot of the indices would be [batch, count, channels].
+            _, order = ops.top_k(part, count)
+            rows = ops.tile(ops.arange(ops.shape(part)[0])[:, None],
+                            [1, count])
+            where = ops.stack([ops.cast(rows, order.dtype), order], axis=-1)
+            return ops.scatter(where, ops.ones(ops.shape(order), "float32"),
+                               ops.shape(part))
 
         def step(images, labels):
             features, logits = [], None
