@@ -342,10 +342,11 @@ def baseline_civs(model, kind, names, seed=0):
 
 
 def adversarial(logits_fn, images, labels, kind, eps, high, seed=0):
-    """Untargeted FGSM, or PGD (10 steps of eps/4 from a random start), of
-    `images` with true `labels`, `eps` in 1/255ths of the pixel range, in
-    the model's input units ([0, `high`]). `logits_fn(images)` gives the
-    logits (detect_study)."""
+    """Untargeted FGSM, PGD (10 steps of eps/4 from a random start) or
+    Carlini-Wagner L2 (`"cw"`, another family: the smallest perturbation
+    an optimiser finds, `eps` unused) of `images` with true `labels`, `eps`
+    in 1/255ths of the pixel range, in the model's input units ([0,
+    `high`]). `logits_fn(images)` gives the logits (detect_study)."""
     import tensorflow as tf
 
     eps = eps / 255.0 * high
@@ -362,6 +363,8 @@ def adversarial(logits_fn, images, labels, kind, eps, high, seed=0):
     if kind == "fgsm":
         return np.asarray(tf.clip_by_value(
             x0 + eps * tf.sign(gradient(x0)), 0, high))
+    if kind == "cw":
+        return _carlini_wagner(logits_fn, x0, y, high)
     rng = np.random.default_rng(seed)
     x = x0 + rng.uniform(-eps, eps, images.shape).astype("float32")
     for _ in range(10):
@@ -381,3 +384,36 @@ def run_app(main):
         print(flags.FLAGS.main_module_help())
         sys.exit(0)
     app.run(main)
+
+
+def _carlini_wagner(logits_fn, x0, y, high, steps=50, c=1.0,
+                    learning_rate=0.05):
+    """C&W L2, untargeted, one constant `c` (no search over it): Adam on
+    tanh-space images, minimising ||x - x0||^2 (in [0, 1] units) + c *
+    max(z_y - max_{j != y} z_j, 0)."""
+    import tensorflow as tf
+
+    unit = tf.clip_by_value(x0 / high, 1e-6, 1 - 1e-6)
+    w = tf.Variable(tf.atanh(2 * unit - 1))
+    optimizer = keras.optimizers.Adam(learning_rate)
+    mask = tf.one_hot(y, tf.shape(logits_fn(x0))[-1])
+    best = tf.Variable(x0)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            x = (tf.tanh(w) + 1) / 2
+            z = logits_fn(x * high)
+            true = tf.reduce_sum(z * mask, -1)
+            other = tf.reduce_max(z - 1e9 * mask, -1)
+            distance = tf.reduce_sum(tf.square(x - unit), axis=[1, 2, 3])
+            loss = tf.reduce_sum(distance + c * tf.nn.relu(true - other))
+        optimizer.apply_gradients([(tape.gradient(loss, w), w)])
+        # Keep the last image that fools the model (the optimiser drifts
+        # back toward the original once it does).
+        fooled = tf.reshape(other > true, [-1, 1, 1, 1])
+        best.assign(tf.where(fooled, x * high, best))
+
+    for _ in range(steps):
+        step()
+    return np.asarray(best)

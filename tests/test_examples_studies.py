@@ -99,3 +99,9 @@ def test_fgsm_and_pgd_stay_in_the_ball_and_raise_the_loss():
     fgsm = cifar_models.adversarial(model, x, y, "fgsm", 8, 1.0)
     inside = (x > 8 / 255) & (x < 1 - 8 / 255)  # not clipped: moved by eps
     np.testing.assert_allclose(np.abs(fgsm - x)[inside], 8 / 255, atol=1e-6)
+    # C&W: every image either fools the model or is returned unchanged.
+    cw = cifar_models.adversarial(model, x, y, "cw", 0, 1.0)
+    assert cw.min() >= 0 and cw.max() <= 1
+    fooled = np.asarray(model(cw)).argmax(-1) != y
+    assert fooled.mean() > 0.5
+    np.testing.assert_array_equal(cw[~fooled], x[~fooled])
