@@ -566,7 +566,9 @@ def _report_folder(folder):
     import keras
     import numpy as np
 
+    from keras_drnet.batching import class_elements
     from keras_drnet.civ import model_fingerprint
+    from keras_drnet.reporting import compact_accuracy
 
     given = [f for f in ("civs", "classes", "budget", "threshold",
                          "budget_scope") if FLAGS[f].present]
@@ -601,13 +603,15 @@ def _report_folder(folder):
     from keras_drnet.export import read_class_names
 
     classes = read_class_names(os.path.join(folder, "model.keras"))
+    small.class_names = classes  # as `kd.compact` names them
     columns = np.array([names.index(n) for n in classes])
     ds = _data(FLAGS.data or FLAGS.split or "test", names)[0]
-    images, labels = [], []
-    for x, y in ds.batch(1024).as_numpy_iterator():
-        keep = np.isin(y, columns)
-        images.append(x[keep])
-        labels.append(y[keep])
+    elements = class_elements(ds, model.inputs[0].shape, len(names), columns)
+    images = [np.zeros((0,) + tuple(model.inputs[0].shape[1:]), "float32")]
+    labels = [np.zeros((0,), "int64")]
+    for x, y in elements.batch(1024).as_numpy_iterator():
+        images.append(x)
+        labels.append(y)
     images, labels = np.concatenate(images), np.concatenate(labels)
     missing = sorted(set(classes) - {names[i] for i in np.unique(labels)})
     if missing:
@@ -620,8 +624,7 @@ def _report_folder(folder):
     full = np.asarray(model.predict(images, batch_size=256, verbose=0))
     full_accuracy = float(np.mean(columns[full[:, columns].argmax(-1)]
                                   == labels))
-    predicted = np.asarray(small.predict(images, batch_size=256, verbose=0))
-    accuracy = float(np.mean(columns[predicted.argmax(-1)] == labels))
+    accuracy = compact_accuracy(small, names, images, labels)
     params = small.count_params()
     print(f"{folder}: sub-task {'-'.join(classes)} ({len(labels)} test "
           f"images)\n"
