@@ -1,4 +1,4 @@
-"""`keras-drnet`: dissect, build, compact and export sub-tasks from a shell.
+"""`keras-drnet`: dissect, compact, export and detect from a shell.
 
     keras-drnet dissect --model=m.keras --dataset=cifar10 --out=civs.npz
     keras-drnet subtask --model=m.keras --civs=civs.npz --classes=cat,dog \\
