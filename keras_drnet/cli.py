@@ -72,6 +72,9 @@ for _define, _name, _default, _help in [
     (_I, "finetune_epochs", 0, "Fine-tune the compact model on the "
      "sub-task's images of the data (after --repair: from the repaired "
      "model)."),
+    (_B, "distill", True, "With --finetune_epochs: learn from the full "
+     "network's answers (the default); --nodistill: from the data's "
+     "labels."),
     (_B, "tflite", False, "Also write model.tflite."),
     (_S, "subtask", None, "Instead of --civs/--classes/--budget: a folder "
      "written by `subtask --out`, whose model (calibrated, repaired or "
@@ -98,7 +101,8 @@ _COMMANDS = {
         " report.json and the per-layer plot.",
         ["model", "civs", "classes", "budget", "budget_scope", "threshold",
          "max_drop", "validation", "dataset", "split", "data", "rescale",
-         "calibrate", "repair", "finetune_epochs", "tflite", "out"],
+         "calibrate", "repair", "finetune_epochs", "distill", "tflite",
+         "out"],
         ["model", "civs", "classes", "out"],
     ),
     "report": (
@@ -159,8 +163,8 @@ def _check_flags(name):
     stray = [f for f in _COMMANDS_FLAGS - set(names) if FLAGS[f].present]
     if stray:
         hint = ""
-        if name == "report" and {"calibrate", "repair",
-                                 "finetune_epochs"} & set(stray):
+        if name == "report" and {"calibrate", "repair", "finetune_epochs",
+                                 "distill"} & set(stray):
             hint = (" To report a sub-task as `subtask` built it, pass the "
                     "folder it wrote: --subtask=DIR.")
         raise UsageError(
@@ -418,6 +422,9 @@ def subtask():
     if sum(v is not None for v in chosen) != 1:
         raise UsageError("Pass exactly one of --budget, --threshold or "
                          "--max_drop (with --validation).")
+    if FLAGS["distill"].present and not FLAGS.finetune_epochs:
+        raise UsageError("--distill/--nodistill choose the fine-tune's "
+                         "loss: pass --finetune_epochs too (e.g. 3).")
     model = _model()
     if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
         raise UsageError(f"--out={FLAGS.out} is a file; the sub-task is "
@@ -440,7 +447,8 @@ def subtask():
     if FLAGS.max_drop is not None:
         finetune = None
         if FLAGS.finetune_epochs:
-            finetune = {"ds": ds, "epochs": FLAGS.finetune_epochs}
+            finetune = {"ds": ds, "epochs": FLAGS.finetune_epochs,
+                        "distill": FLAGS.distill}
         result, table = kd.smallest_subtask(
             model, civs, FLAGS.classes, max_drop=FLAGS.max_drop,
             validation_data=validation, budget_scope=_budget_scope(),
@@ -456,6 +464,7 @@ def subtask():
         small = kd.repair(sub, ds) if FLAGS.repair else kd.compact(sub)
         if FLAGS.finetune_epochs:
             small = kd.finetune(sub, ds, epochs=FLAGS.finetune_epochs,
+                                distill=FLAGS.distill,
                                 start=small if FLAGS.repair else None)
         report = {}
     os.makedirs(FLAGS.out, exist_ok=True)
@@ -498,7 +507,7 @@ def _settings(civs):
     from keras_drnet import __version__
 
     names = ("classes", "budget", "budget_scope", "threshold", "max_drop",
-             "calibrate", "repair", "finetune_epochs", "data", "dataset",
+             "calibrate", "repair", "finetune_epochs", "distill", "data", "dataset",
              "split", "validation", "rescale")
     return {**{n: FLAGS[n].value for n in names},
             "budget_scope": _budget_scope(),

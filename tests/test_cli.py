@@ -215,6 +215,33 @@ def test_subtask_with_a_parameter_budget_and_repair(files, capsys, tmp_path):
         capsys, "report", f"--model={folder / 'm.keras'}", "--calibrate")
 
 
+def test_finetune_distills_by_default_and_nodistill_uses_labels(
+        files, capsys, tmp_path, monkeypatch):
+    folder, _, _, _ = files
+    calls = []
+    finetune = kd.finetune
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return finetune(*args, **kwargs)
+
+    monkeypatch.setattr(kd, "finetune", spy)
+    args = ["subtask", f"--model={folder / 'm.keras'}",
+            f"--civs={folder / 'own_civs.npz'}", "--classes=cat,dog",
+            "--budget=0.5", f"--data={folder / 'data.npz'}"]
+    for flags, distill in (([], True), (["--nodistill"], False)):
+        out = tmp_path / f"tuned_{distill}"
+        assert cli.run(["keras-drnet", *args, "--finetune_epochs=1",
+                        *flags, f"--out={out}"]) == 0
+        assert calls[-1]["distill"] is distill and calls[-1]["epochs"] == 1
+        report = json.loads((out / "report.json").read_text())
+        assert report["settings"]["distill"] is distill
+        assert kd.read_class_names(out / "model.keras") == ["cat", "dog"]
+    assert "pass --finetune_epochs too" in _error(
+        capsys, *args, "--nodistill", f"--out={tmp_path / 'o'}")
+    assert not (tmp_path / "o").exists()
+
+
 def test_max_drop_takes_the_python_apis_budget_scope(files, capsys,
                                                      tmp_path):
     folder, model, x, y = files

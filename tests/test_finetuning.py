@@ -40,7 +40,7 @@ def sub():
 
 def test_finetune_learns_the_subtask_from_original_labels(sub):
     x, y = labelled()
-    small = kd.finetune(sub, (x, y), epochs=30,
+    small = kd.finetune(sub, (x, y), epochs=30, distill=False,
                         optimizer=keras.optimizers.Adam(0.01), verbose=0)
     names = small.class_names
     assert sorted(names) == ["cat", "dog"]
@@ -115,8 +115,9 @@ def test_distillation_moves_the_student_toward_the_teacher(distilled):
     x, y = labelled()
     cat_dog = x[np.isin(y, [0, 1])]
     before = _kl_to_teacher(teacher, kd.compact(sub), cat_dog)
-    small = kd.finetune(sub, (x, y), epochs=20, distill=True,
-                        temperature=2.0, batch_size=16, verbose=0)
+    # Distillation is the default.
+    small = kd.finetune(sub, (x, y), epochs=20, temperature=2.0,
+                        batch_size=16, verbose=0)
     after = _kl_to_teacher(teacher, small, cat_dog)
     assert after < 0.5 * before, (before, after)
     loss = small.history.history["loss"]
@@ -229,13 +230,14 @@ def test_the_teacher_is_not_trained(distilled):
 def test_augmentation_is_applied_to_the_training_batches(sub):
     x, y = labelled()
     adam = lambda: keras.optimizers.Adam(0.01)  # noqa: E731
-    plain = kd.finetune(sub, (x, y), epochs=10, optimizer=adam(),
-                        batch_size=16, verbose=0)
+    plain = kd.finetune(sub, (x, y), epochs=10, distill=False,
+                        optimizer=adam(), batch_size=16, verbose=0)
     # An "augmentation" that blanks every image leaves nothing to learn
     # but the class prior: the loss stays near log(2).
     blank = keras.layers.Lambda(lambda images: images * 0.0)
-    blanked = kd.finetune(sub, (x, y), epochs=10, optimizer=adam(),
-                          batch_size=16, augment=blank, verbose=0)
+    blanked = kd.finetune(sub, (x, y), epochs=10, distill=False,
+                          optimizer=adam(), batch_size=16, augment=blank,
+                          verbose=0)
     assert plain.history.history["loss"][-1] < 0.4
     assert blanked.history.history["loss"][-1] > 0.6
     # The standard flips and shifts run end to end.
@@ -284,7 +286,7 @@ def test_non_finite_images_and_bad_sizes_are_refused_before_training(sub):
 
 def test_a_log_file_gets_lines_not_a_progress_bar(sub, capfd):
     # pytest's captured output is not a terminal, as a log file is not.
-    kd.finetune(sub, labelled(), epochs=2)
+    kd.finetune(sub, labelled())
     out = capfd.readouterr().out
     assert "\r" not in out and "\x1b[" not in out
-    assert out.count("Epoch ") == 2
+    assert out.count("Epoch ") == 3  # the default
