@@ -507,8 +507,8 @@ def _settings(civs):
     from keras_drnet import __version__
 
     names = ("classes", "budget", "budget_scope", "threshold", "max_drop",
-             "calibrate", "repair", "finetune_epochs", "distill", "data", "dataset",
-             "split", "validation", "rescale")
+             "calibrate", "repair", "finetune_epochs", "distill", "data",
+             "dataset", "split", "validation", "rescale")
     return {**{n: FLAGS[n].value for n in names},
             "budget_scope": _budget_scope(),
             "model": os.path.abspath(FLAGS.model),

@@ -121,13 +121,12 @@ def finetune(
     to reproduce (every channel on, the BatchNorm statistics it was built
     with; `SubtaskModel.full_logits_model()`), and labels are optional.
     The defaults, 3 epochs of distillation, were chosen on a CIFAR-10
-    VGG16 w0.5 at 89%, where the hard labels of the pair lose more: on
-    eight pairs at a uniform 33% per gate, 3 epochs on labels lost
-    7.26 pp, 3 of distillation 3.93; with `keras_drnet.allocate_budget`
-    at 10.8% of the parameters, 1 epoch of distillation lost 0.93 pp and 3
-    epochs 0.61 on nine hard pairs, 0.36 over all 45 (BUILD_NOTES). On a
-    weak model (65%) hard labels can do better: its teacher is wrong a
-    third of the time.
+    VGG16 w0.5 at 89%, where the pair's hard labels lose more: with
+    `keras_drnet.allocate_budget` at 10.8% of the parameters, nine hard
+    pairs, 3 epochs on labels lost 0.80 pp, 3 of distillation 0.61 (1
+    epoch: 0.93; over all 45 pairs: 0.36); at a uniform 33% per gate,
+    eight pairs, 7.26 against 3.93 (BUILD_NOTES). On a weak model (65-70%)
+    hard labels can do better: its teacher is wrong a third of the time.
 
     The learning rate follows a cosine decay from `learning_rate` to 0 over
     all steps (unless `optimizer` is given). From `keras_drnet.compact(sub)`
