@@ -169,6 +169,15 @@ def test_default_search_repairs_on_the_calibration_images(case):
     sub, _ = kd.smallest_subtask(model, civs, ["cat", "dog"], repair=None,
                                  **arguments)
     assert isinstance(sub, kd.SubtaskModel)
+    # With a fine-tune, "auto" starts it from the recalibrated compact
+    # model, not from a repair (the better start measured on the VGG16).
+    tune = {"ds": (x, y), "epochs": 1, "learning_rate": 0.0}
+    _, auto_table = kd.smallest_subtask(model, civs, ["cat", "dog"],
+                                        finetune=tune, **arguments)
+    _, plain_table = kd.smallest_subtask(model, civs, ["cat", "dog"],
+                                         finetune=tune, repair=None,
+                                         **arguments)
+    assert auto_table[0]["accuracy"] == plain_table[0]["accuracy"]
 
 
 def test_non_finite_validation_images_are_refused(case):
