@@ -281,8 +281,8 @@ def main(_):
                     for e in epochs:
                         start = time.time()
                         small = kd.finetune(from_scratch(sub), (x, y),
-                                            epochs=e, learning_rate=0.05,
-                                            verbose=0)
+                                            epochs=e, distill=False,
+                                            learning_rate=0.05, verbose=0)
                         record("scratch (same channels), hard", pair, budget,
                                e, small, start)
 

@@ -339,8 +339,10 @@ def main(_):
                 x = np.concatenate([train[c] for c in pair])
                 y = np.concatenate([np.full(len(train[c]), c) for c in pair])
                 order = rng.permutation(len(x))
+                # Hard labels, as when the tables were measured (before
+                # distillation became the default).
                 small = kd.finetune(evaluator.sub, (x[order], y[order]),
-                                    epochs=epochs, verbose=0)
+                                    epochs=epochs, distill=False, verbose=0)
                 columns = small.class_names
                 logits = tf.function(lambda x, m=small: m(x, training=False))
                 correct = total = 0
