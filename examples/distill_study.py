@@ -159,7 +159,8 @@ def search(model, civs, names, pairs, calibration, validation, test, full):
         images = np.concatenate([calibration[c] for c in pair])
         sub, table = kd.smallest_subtask(
             model, civs, list(pair), max_drop=_SEARCH.value,
-            validation_data=(x, y), calibrate=images, verbose=0)
+            validation_data=(x, y), calibrate=images, budget_scope="gate",
+            repair=None, verbose=0)  # as measured: per-gate, no repair
         chosen = next(r for r in table if r["budget"] == sub.budget)
         logits = lambda images, s=sub: s.logits_model(images, training=False)
         accuracy = cifar_models.pair_accuracy(logits, test, pair)

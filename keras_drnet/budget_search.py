@@ -83,7 +83,8 @@ def smallest_subtask(
             images when given (see `budget_scope`); with `finetune`, none:
             the fine-tune starts from the BatchNorm-recalibrated compact
             model (3 epochs from there: 0.61 pp on nine pairs at 10.8%;
-            1 epoch from the repair 0.86, from there 0.93). Or images of
+            at 1 epoch the starts tie: from the repair 0.86, from the
+            recalibrated compact 0.93). Or images of
             the sub-task (see `keras_drnet.repair()`): every candidate is
             compacted and refit to the full network by least squares,
             without training, and measured so (then fine-tuned from there

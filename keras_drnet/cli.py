@@ -510,6 +510,8 @@ def _settings(civs):
              "calibrate", "repair", "finetune_epochs", "distill", "data",
              "dataset", "split", "validation", "rescale")
     return {**{n: FLAGS[n].value for n in names},
+            # Only a fine-tune has a loss to record.
+            "distill": FLAGS.distill if FLAGS.finetune_epochs else None,
             "budget_scope": _budget_scope(),
             "model": os.path.abspath(FLAGS.model),
             "model_class_names": civs.class_names,

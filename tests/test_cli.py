@@ -2,6 +2,7 @@
 a tiny model, against the Python API's result; help and every error case
 (one line on stderr, status 2) in process."""
 
+import functools
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 import _subtask_models as sm
 import keras_drnet as kd
+from keras_drnet import budget_search
 from keras_drnet import cli
 
 
@@ -237,6 +239,24 @@ def test_finetune_distills_by_default_and_nodistill_uses_labels(
         report = json.loads((out / "report.json").read_text())
         assert report["settings"]["distill"] is distill
         assert kd.read_class_names(out / "model.keras") == ["cat", "dog"]
+    # The search fine-tunes every candidate with the same loss.
+    searched = []
+
+    @functools.wraps(finetune)  # its signature checks the search's keys
+    def search_spy(*args, **kwargs):
+        searched.append(kwargs)
+        return finetune(*args, **kwargs)
+
+    monkeypatch.setattr(budget_search, "finetune_subtask", search_spy)
+    out = tmp_path / "searched"
+    search = [a for a in args if not a.startswith("--budget")]
+    assert cli.run(["keras-drnet", *search, "--max_drop=100",
+                    f"--validation={folder / 'data.npz'}",
+                    "--finetune_epochs=1", "--nodistill",
+                    f"--out={out}"]) == 0
+    assert searched and all(k["distill"] is False for k in searched)
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["distill"] is False
     assert "pass --finetune_epochs too" in _error(
         capsys, *args, "--nodistill", f"--out={tmp_path / 'o'}")
     assert not (tmp_path / "o").exists()
