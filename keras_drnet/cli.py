@@ -507,8 +507,8 @@ def _settings(civs):
     from keras_drnet import __version__
 
     names = ("classes", "budget", "budget_scope", "threshold", "max_drop",
-             "calibrate", "repair", "finetune_epochs", "distill", "data",
-             "dataset", "split", "validation", "rescale")
+             "calibrate", "repair", "finetune_epochs", "data", "dataset",
+             "split", "validation", "rescale")
     return {**{n: FLAGS[n].value for n in names},
             # Only a fine-tune has a loss to record.
             "distill": FLAGS.distill if FLAGS.finetune_epochs else None,

@@ -146,7 +146,8 @@ def finetune(
         sub: `keras_drnet.SubtaskModel`; not modified.
         ds: `(image, label)` pairs (dataset, batched or not, or a tuple of
             arrays) with the original model's labels; with `distill=True`
-            (the default) also images alone (array or dataset), used as they are.
+            (the default) also images alone (array or dataset), used as
+            they are.
         epochs: int. Passes over the images (default 3).
         distill: bool. Learn from the teacher's probabilities (default,
             see above); `False`: from the labels alone.

@@ -220,14 +220,17 @@ def test_subtask_with_a_parameter_budget_and_repair(files, capsys, tmp_path):
 def test_finetune_distills_by_default_and_nodistill_uses_labels(
         files, capsys, tmp_path, monkeypatch):
     folder, _, _, _ = files
-    calls = []
     finetune = kd.finetune
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return finetune(*args, **kwargs)
+    def spy(calls):
+        @functools.wraps(finetune)  # its signature checks the search's keys
+        def recorded(*args, **kwargs):
+            calls.append(kwargs)
+            return finetune(*args, **kwargs)
+        return recorded
 
-    monkeypatch.setattr(kd, "finetune", spy)
+    calls, searched = [], []
+    monkeypatch.setattr(kd, "finetune", spy(calls))
     args = ["subtask", f"--model={folder / 'm.keras'}",
             f"--civs={folder / 'own_civs.npz'}", "--classes=cat,dog",
             "--budget=0.5", f"--data={folder / 'data.npz'}"]
@@ -240,14 +243,7 @@ def test_finetune_distills_by_default_and_nodistill_uses_labels(
         assert report["settings"]["distill"] is distill
         assert kd.read_class_names(out / "model.keras") == ["cat", "dog"]
     # The search fine-tunes every candidate with the same loss.
-    searched = []
-
-    @functools.wraps(finetune)  # its signature checks the search's keys
-    def search_spy(*args, **kwargs):
-        searched.append(kwargs)
-        return finetune(*args, **kwargs)
-
-    monkeypatch.setattr(budget_search, "finetune_subtask", search_spy)
+    monkeypatch.setattr(budget_search, "finetune_subtask", spy(searched))
     out = tmp_path / "searched"
     search = [a for a in args if not a.startswith("--budget")]
     assert cli.run(["keras-drnet", *search, "--max_drop=100",
