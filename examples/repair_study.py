@@ -4,7 +4,9 @@ For a trained CIFAR-10 model (`--model_path`; the input scale is read off
 its entry), builds every two-class sub-task for each combination of
 
 - a channel ranking (`--rankings`: CDRP as dissected, Taylor, activation,
-  or the class-agnostic L1 norm of the filter and random),
+  `taylor-pair` (Taylor scores of the pair's own softmax,
+  `kd.dissect(classes=pair)`, dissected per pair inside the timing), or
+  the class-agnostic L1 norm of the filter and random),
 - an allocation of the channel budget over the gates (`--allocations`):
   `uniform:B` keeps the fraction B of every gate's channels;
   `cost:E@P` gives each gate a fraction that falls with the cost of its
@@ -56,6 +58,7 @@ NINE_PAIRS = [(3, 5), (2, 3), (4, 5), (2, 4), (3, 6), (0, 8),
 RANKINGS = {
     "cdrp": {"on_top1_change": "keep_best"},
     "taylor": {"method": "taylor"},
+    "taylor-pair": {"method": "taylor", "classes": "pair"},
     "activation": {"method": "activation"},
     "L1-norm": {"baseline": "l1"},
     "random": {"baseline": "random"},
@@ -267,7 +270,9 @@ def main(_):
     rankings = {}
     for name in _RANKINGS.value:
         fitting = RANKINGS[name]
-        if "baseline" in fitting:
+        if fitting.get("classes") == "pair":
+            rankings[name] = None  # dissected for each pair, below
+        elif "baseline" in fitting:
             rankings[name] = cifar_models.baseline_civs(
                 model, fitting["baseline"], names)
         else:
@@ -299,6 +304,11 @@ def main(_):
             if (label, ranking, allocation, recovery) in done:
                 continue
             start = time.time()
+            if civs is None:
+                civs = kd.dissect(model, train_ds,
+                                  samples_per_class=2 if quick else 100,
+                                  class_names=names, method="taylor",
+                                  classes=list(pair), verbose=0)
             sub = kd.subtask(model, civs, list(pair),
                              budget=budget_for(model, civs, pair, allocation),
                              budget_scope="gate",

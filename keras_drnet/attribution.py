@@ -35,13 +35,18 @@ class Attribution:
       `|mean_m a_m * d log p_y / d a_m|`.
 
     `y` is the image's label when one is given (the class whose importance
-    vector the image joins), else (or where it is -1) the model's top-1. A
+    vector the image joins), else (or where it is -1) the model's top-1.
+    With `classes`, `p` is the softmax over those classes only (the
+    sub-task's own output), so a channel scores by what it does for telling
+    them apart. A
     gate called at several call sites (a shared nested model) gets the mean
     of its sites. `keras_drnet.dissect(model, ds, method=...)` runs it.
 
     Args:
         gated_model: a model returned by `keras_drnet.inject_gates()`.
         method: `"activation"`, `"frat"` or `"taylor"`.
+        classes: `None` (every class) or the class indices of a sub-task,
+            for `"frat"` and `"taylor"`.
 
     Example:
 
@@ -51,13 +56,14 @@ class Attribution:
     ```
     """
 
-    def __init__(self, gated_model, method):
+    def __init__(self, gated_model, method, classes=None):
         if method not in METHODS or method == "cdrp":
             raise ValueError(
                 "`method` must be one of ['activation', 'frat', 'taylor'] "
                 f"(`GateFitter` computes 'cdrp'). Received: method={method!r}"
             )
         self.gated_model = gated_model
+        self.classes = None if classes is None else tuple(classes)
         self.method = method
         self.logits_model, _ = split_softmax(gated_model)
         self._gates = gate_layers(gated_model)
@@ -93,16 +99,23 @@ class Attribution:
                 logits = ops.cast(
                     self.logits_model(images, training=False), "float32"
                 )
-            top1 = ops.argmax(logits, axis=-1)
+            scored = logits
+            if self.classes is not None:  # the other classes' p is 0
+                outside = [0.0 if c in self.classes else -float("inf")
+                           for c in range(logits.shape[-1])]
+                scored = logits + ops.convert_to_tensor(outside)
+            top1 = ops.argmax(scored, axis=-1)
             if labels is None:
                 labels = top1
             # -1: no label given (or a padding row).
             labels = ops.where(ops.greater_equal(labels, 0), labels, top1)
             picked = ops.one_hot(ops.cast(labels, "int32"), logits.shape[-1])
             if self.method == "frat":
-                target = ops.sum(ops.softmax(logits) * picked)
+                values = ops.softmax(scored)
             else:
-                target = ops.sum(ops.log_softmax(logits) * picked)
+                values = ops.log_softmax(scored)
+            # `where`, not a product: log p is -inf outside `classes`.
+            target = ops.sum(ops.where(picked > 0, values, 0.0))
         sites = [(g, a) for g in self._gates for a in features[id(g)]]
         if self.method == "activation":
             grads = [None] * len(sites)

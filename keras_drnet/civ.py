@@ -170,6 +170,15 @@ class CIVs:
                 "A class must be a name (str) or an index (int). "
                 f"Received: {cls!r} of type {type(cls).__name__}"
             )
+        dissected_for = self.config.get("classes")
+        if self.counts[index] == 0 and dissected_for is not None:
+            raise ValueError(
+                f"Class '{self.class_names[index]}' has no CIV: these CIVs "
+                f"were dissected for the sub-task "
+                f"{[self.class_names[i] for i in dissected_for]} only "
+                "(`dissect(..., classes=...)`). Dissect without `classes` "
+                "for other sub-tasks."
+            )
         if self.counts[index] == 0:
             excluded = self.top1_changed[index]
             raise ValueError(

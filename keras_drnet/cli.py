@@ -53,7 +53,8 @@ for _define, _name, _default, _help in [
      "default the CIVs' own)."),
     (_S, "checkpoint_dir", None, "Resumable progress (default: --out + "
      "'.ckpt'); rerun the same command to resume."),
-    (_L, "classes", None, "The sub-task's classes, e.g. cat,dog."),
+    (_L, "classes", None, "The sub-task's classes, e.g. cat,dog (dissect: "
+     "CIVs for that sub-task only, with --method=taylor or frat)."),
     (_F, "budget", None, "Fraction of channels to keep (with "
      "--budget_scope=params: of the running parameters)."),
     (_S, "budget_scope", None, "gate, model, or params (the parameter "
@@ -93,7 +94,7 @@ _COMMANDS = {
     "dissect": (
         "Per-class channel importance vectors (CIVs) of a classifier.",
         ["model", "dataset", "split", "data", "rescale", "class_names",
-         "samples_per_class", "method", "checkpoint_dir", "out"],
+         "samples_per_class", "method", "classes", "checkpoint_dir", "out"],
         ["model", "out"],
     ),
     "subtask": (
@@ -372,7 +373,7 @@ def dissect():
         civs = kd.dissect(
             model, ds, samples_per_class=FLAGS.samples_per_class,
             class_names=names, method=FLAGS.method,
-            checkpoint_dir=checkpoint,
+            classes=FLAGS.classes, checkpoint_dir=checkpoint,
         )
     except KeyboardInterrupt:
         print(f"\nInterrupted. Progress is in {checkpoint}: run the same "

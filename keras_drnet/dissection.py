@@ -25,6 +25,7 @@ from keras_drnet.gate_fitting import CDRP
 from keras_drnet.gate_fitting import method_options
 from keras_drnet.model_surgery import check_classifier
 from keras_drnet.model_surgery import gated
+from keras_drnet.reconstruction import resolve_classes
 
 
 class _Checkpoint:
@@ -115,13 +116,40 @@ def _data_digest(elements, count=4):
     return digest.hexdigest()[:16]
 
 
-def path_scorer(gated_model, method, options=None):
+def _wanted_classes(classes, class_names, method):
+    """`dissect`'s `classes` as a boolean mask over the outputs, or None."""
+    if classes is None:
+        return None
+    if method not in ("taylor", "frat"):
+        raise ValueError(
+            "`classes` scores channels by the gradient of a sub-task's own "
+            "softmax: it needs `method='taylor'` or `'frat'`. Received: "
+            f"method={method!r}, classes={classes!r}"
+        )
+    # The checks (names, indices, duplicates) of a sub-task's classes, on
+    # CIVs that have no channel yet.
+    indices = resolve_classes(
+        CIVs(np.zeros((len(class_names), 0)), class_names,
+             np.ones(len(class_names)), []),
+        classes,
+    )
+    if len(indices) < 2:
+        raise ValueError(
+            "`classes` needs at least two classes: the softmax of one class "
+            f"is 1 whatever the channels do. Received: classes={classes!r}"
+        )
+    wanted = np.zeros(len(class_names), bool)
+    wanted[list(indices)] = True
+    return wanted
+
+
+def path_scorer(gated_model, method, options=None, classes=None):
     """What scores each image's channels: CDRP's `GateFitter` (with its
     `CDRP` options) or a one-pass `Attribution`; both have `fit_batch`
     (dissection) and `path_batch` (`PathDetector`)."""
     if method == "cdrp":
         return (options or CDRP()).fitter(gated_model)
-    return Attribution(gated_model, method)
+    return Attribution(gated_model, method, classes)
 
 
 def dissect(
@@ -130,6 +158,7 @@ def dissect(
     samples_per_class=100,
     class_names=None,
     method="cdrp",
+    classes=None,
     batch_size=64,
     iterations=None,
     learning_rate=None,
@@ -170,6 +199,13 @@ def dissect(
             scale of the last three differs from layer to layer: combine
             them with `budget=..., budget_scope="gate"` rather than one
             `threshold`.
+        classes: `None` (default: the CIVs of every class, for any
+            sub-task) or the names or indices of one sub-task's classes,
+            with `method="taylor"` or `"frat"`: the gradient is then that
+            of the softmax over these classes, the sub-task's own output,
+            and only their images are read. The CIVs serve that sub-task
+            only (`subtask` refuses other classes); on the VGG16 w0.5 they
+            keep the channels a repaired sub-task needs better (BUILD_NOTES).
         batch_size: int. Images fitted at once.
         iterations, learning_rate, momentum, gamma, clip, on_top1_change:
             CDRP's fitting options as keywords, the fields of
@@ -229,11 +265,15 @@ def dissect(
         on_top1_change=on_top1_change,
     )
     check_method(method)
+    wanted = _wanted_classes(classes, class_names, method)
     on_top1_change = options.on_top1_change if options else None
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         gated_model = gated(model, select)
-        scorer = path_scorer(gated_model, method, options)
+        scorer = path_scorer(
+            gated_model, method, options,
+            None if wanted is None else np.flatnonzero(wanted).tolist(),
+        )
     run = BatchRunner(scorer.fit_batch, batch_size, strategy, jit_compile)
     layout = gate_layout(gated_model)
     fingerprint = model_fingerprint(model)
@@ -245,6 +285,8 @@ def dissect(
         ),
         "select": select if isinstance(select, str) else repr(select),
     }
+    if wanted is not None:
+        config["classes"] = np.flatnonzero(wanted).tolist()
     if options is not None:
         config.update(options.get_config())
 
@@ -274,7 +316,9 @@ def dissect(
                       "start over.")
 
     limit = samples_per_class
-    target = None if limit is None else limit * num_classes
+    # Classes outside `classes` are never read: count them as done.
+    reading = np.ones(num_classes, bool) if wanted is None else wanted
+    target = None if limit is None else limit * int(reading.sum())
     progress = Progress(target, verbose)
     progress.add(int(counts.sum()))
     # Images taken so far (a resumed run skips them), excluded ones too.
@@ -310,7 +354,7 @@ def dissect(
                                                                  stream):
                 raise checkpoint.changed_data_error()
             continue
-        if limit is not None and selected.min() >= limit:
+        if limit is not None and selected[reading].min() >= limit:
             break
         stream = _chained(stream, image, label)
         position += 1
@@ -321,7 +365,9 @@ def dissect(
                 f"range for a model with {num_classes} outputs (0 to "
                 f"{num_classes - 1}). Map labels to class indices first."
             )
-        if limit is not None and selected[label] >= limit:
+        if not reading[label] or (
+            limit is not None and selected[label] >= limit
+        ):
             continue
         if unknown_dims:
             check_image_shape(image.shape, input_shape)
@@ -363,13 +409,15 @@ def dissect(
             "the CIVs average the other images.",
             stacklevel=2,
         )
-    if civs.missing:
+    missing = [n for n, c, r in zip(class_names, counts, reading)
+               if r and c == 0]
+    if missing:
         why = ["none was found"]
         if on_top1_change == "exclude":
             why.append("`on_top1_change='exclude'` excluded them all")
         why.append("their scores were NaN (does the model give NaN or inf?)")
         warnings.warn(
-            f"No image was averaged for classes {civs.missing} "
+            f"No image was averaged for classes {missing} "
             f"({', or '.join(why)}): their CIVs are missing (NaN) and "
             "sub-tasks cannot use them.",
             stacklevel=2,

@@ -32,8 +32,9 @@ def xy(data):
     return data["x_train"][:N], data["y_train"][:N]
 
 
-def reference_scores(model, image, label, method):
-    """One image's channel scores, written from the method's definition."""
+def reference_scores(model, image, label, method, classes=None):
+    """One image's channel scores, written from the method's definition
+    (with `classes`: of the softmax over those classes only)."""
     head = model.get_layer("head")
     with tf.GradientTape(persistent=True) as tape:
         h = tf.constant(image[None])
@@ -48,6 +49,9 @@ def reference_scores(model, image, label, method):
             if layer.name in GATED:
                 tape.watch(h)
                 maps.append(h)
+        if classes is not None:
+            logits = tf.gather(logits, classes, axis=1)
+            label = list(classes).index(label)
         p = tf.nn.softmax(logits)[0, label]
         log_p = tf.nn.log_softmax(logits)[0, label]
     scores = []
@@ -108,6 +112,63 @@ def test_dissect_civ_is_the_mean_of_its_class_reference_scores(
     # The method travels with the file.
     assert kd.CIVs.load(_saved(civs, tmp_path)).config["method"] == method
     assert f"({method})" in repr(civs)
+
+
+@pytest.mark.parametrize("method", ["frat", "taylor"])
+def test_subtask_classes_score_against_their_own_softmax(data, xy, method,
+                                                         tmp_path):
+    x, y = xy
+    model = data["model"]
+    pair = [8, 3]
+    civs = kd.dissect(model, (x, y), samples_per_class=K, method=method,
+                      classes=[dm.CLASS_NAMES[c] for c in pair],
+                      class_names=dm.CLASS_NAMES, batch_size=8, verbose=0)
+    # Only the pair's images are read; no warning about the other classes.
+    assert [c for c in range(dm.NUM_CLASSES) if civs.counts[c]] == [3, 8]
+    assert civs.counts[3] == civs.counts[8] == K
+    assert civs.config["classes"] == [3, 8]
+    chosen = dm.first_per_class(y, K)
+    for c in pair:
+        rows = [reference_scores(model, x[i], c, method, classes=pair)
+                for i in chosen if y[i] == c]
+        np.testing.assert_allclose(
+            civs.vectors[c], np.mean(rows, axis=0), rtol=1e-4, atol=1e-6
+        )
+    # Not the ten-class scores.
+    everything = kd.dissect(model, (x, y), samples_per_class=K,
+                            method=method, batch_size=8, verbose=0)
+    assert not np.allclose(civs.vectors[3], everything.vectors[3])
+    # They serve that sub-task (in any order), after a round trip too.
+    loaded = kd.CIVs.load(_saved(civs, tmp_path))
+    for ready in (civs, loaded):
+        kd.subtask(model, ready, ["three", "eight"], budget=0.5,
+                   budget_scope="gate")
+        with pytest.raises(ValueError, match=r"dissected for the sub-task "
+                           r"\['three', 'eight'\].*Received: classes="
+                           r"\['three'\]"):
+            kd.subtask(model, ready, ["three"], budget=0.5)
+        with pytest.raises(ValueError, match=r"Class 'one' has no CIV: these "
+                           r"CIVs were dissected for the sub-task \['three', "
+                           r"'eight'\] only"):
+            kd.subtask(model, ready, ["one", "three"], budget=0.5)
+
+
+@pytest.mark.parametrize("method, classes, message", [
+    ("cdrp", [1, 2], r"needs `method='taylor'` or `'frat'`. Received: "
+                     r"method='cdrp', classes=\[1, 2\]"),
+    ("activation", [1, 2], r"Received: method='activation'"),
+    ("taylor", [1], r"at least two classes.*Received: classes=\[1\]"),
+    ("taylor", [1, 1], r"names the same class more than once"),
+    ("taylor", ["one", "thre"], r"Unknown class name 'thre'.*Did you mean "
+                                r"'three'"),
+    ("taylor", "three", r"must be a list of class names or indices"),
+])
+def test_bad_subtask_classes_are_refused_before_any_work(data, method,
+                                                         classes, message):
+    images = np.full((4,) + data["x_train"].shape[1:], np.nan, "float32")
+    with pytest.raises((ValueError, TypeError), match=message):
+        kd.dissect(data["model"], (images, np.arange(4)), method=method,
+                   classes=classes, class_names=dm.CLASS_NAMES, verbose=0)
 
 
 def _saved(civs, tmp_path):

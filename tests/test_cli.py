@@ -147,6 +147,24 @@ def test_user_errors_name_the_fix(files, capsys):
         _error(capsys, "dissect", model, "--out=a.npz"))
 
 
+def test_dissect_for_one_subtask(files, capsys, tmp_path):
+    folder, model, x, y = files
+    out = tmp_path / "cat_dog.npz"
+    cli.run(["keras-drnet", "dissect", f"--model={folder / 'm.keras'}",
+             f"--data={folder / 'data.npz'}", "--samples_per_class=3",
+             "--method=taylor", "--classes=cat,dog", f"--out={out}"])
+    civs = kd.CIVs.load(out)
+    want = kd.dissect(model, (x, y), samples_per_class=3, method="taylor",
+                      classes=["cat", "dog"], class_names=sm.NAMES,
+                      verbose=0)
+    np.testing.assert_allclose(civs.vectors, want.vectors, rtol=1e-6)
+    assert civs.config["classes"] == want.config["classes"]
+    assert "needs `method='taylor'` or `'frat'`" in _error(
+        capsys, "dissect", f"--model={folder / 'm.keras'}",
+        f"--data={folder / 'data.npz'}", "--classes=cat,dog",
+        f"--out={tmp_path / 'b.npz'}")
+
+
 def test_verbosity_shows_the_traceback(files):
     folder, _, _, _ = files
     with pytest.raises(cli.UsageError, match="no such file"):
