@@ -116,8 +116,8 @@ def _data_digest(elements, count=4):
     return digest.hexdigest()[:16]
 
 
-def _wanted_classes(classes, class_names, method):
-    """`dissect`'s `classes` as a boolean mask over the outputs, or None."""
+def _subtask_classes(classes, class_names, method):
+    """`dissect`'s `classes` as sorted output indices, or None."""
     if classes is None:
         return None
     if method not in ("taylor", "frat"):
@@ -138,9 +138,7 @@ def _wanted_classes(classes, class_names, method):
             "`classes` needs at least two classes: the softmax of one class "
             f"is 1 whatever the channels do. Received: classes={classes!r}"
         )
-    wanted = np.zeros(len(class_names), bool)
-    wanted[list(indices)] = True
-    return wanted
+    return sorted(indices)
 
 
 def path_scorer(gated_model, method, options=None, classes=None):
@@ -265,15 +263,12 @@ def dissect(
         on_top1_change=on_top1_change,
     )
     check_method(method)
-    wanted = _wanted_classes(classes, class_names, method)
+    classes = _subtask_classes(classes, class_names, method)
     on_top1_change = options.on_top1_change if options else None
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
         gated_model = gated(model, select)
-        scorer = path_scorer(
-            gated_model, method, options,
-            None if wanted is None else np.flatnonzero(wanted).tolist(),
-        )
+        scorer = path_scorer(gated_model, method, options, classes)
     run = BatchRunner(scorer.fit_batch, batch_size, strategy, jit_compile)
     layout = gate_layout(gated_model)
     fingerprint = model_fingerprint(model)
@@ -285,8 +280,8 @@ def dissect(
         ),
         "select": select if isinstance(select, str) else repr(select),
     }
-    if wanted is not None:
-        config["classes"] = np.flatnonzero(wanted).tolist()
+    if classes is not None:
+        config["classes"] = classes
     if options is not None:
         config.update(options.get_config())
 
@@ -316,8 +311,11 @@ def dissect(
                       "start over.")
 
     limit = samples_per_class
-    # Classes outside `classes` are never read: count them as done.
-    reading = np.ones(num_classes, bool) if wanted is None else wanted
+    # The classes whose images are read: all, or the sub-task's.
+    reading = np.ones(num_classes, bool)
+    if classes is not None:
+        reading[:] = False
+        reading[classes] = True
     target = None if limit is None else limit * int(reading.sum())
     progress = Progress(target, verbose)
     progress.add(int(counts.sum()))
