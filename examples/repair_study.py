@@ -304,7 +304,7 @@ def main(_):
             if (label, ranking, allocation, recovery) in done:
                 continue
             start = time.time()
-            if civs is None:
+            if civs is None:  # dissected again for each row: its time counts
                 civs = kd.dissect(model, train_ds,
                                   samples_per_class=2 if quick else 100,
                                   class_names=names, method="taylor",

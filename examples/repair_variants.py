@@ -14,9 +14,10 @@ no-SGD sub-task (Taylor scores, `kd.allocate_budget` exponent 2 at
   min(prediction, threshold), solve again" minimise the post-ReLU error
   instead of the pre-activation one (the normal equations' Gram matrix is
   shared, so each round is one more right-hand side);
-- `--variant=pairwise`: Taylor scores of the two-class problem (the
-  gradient of the log of the softmax masked to the pair) instead of the
-  ten-class one, from `--samples_per_class` images per class,
+- `--variant=pairwise`: Taylor scores of the two-class problem
+  (`kd.dissect(..., classes=pair)`, the probe that became that option)
+  instead of the ten-class one, from `--samples_per_class` images per
+  class,
 
 and prints each pair's drop against the full network's masked softmax.
 
@@ -31,7 +32,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from absl import flags  # noqa: E402
 
 import keras  # noqa: E402
@@ -41,7 +41,6 @@ import keras_drnet as kd  # noqa: E402
 
 # `keras_drnet.repair` is also the function's name in the package.
 repair_module = importlib.import_module("keras_drnet.repair")
-attribution_module = importlib.import_module("keras_drnet.attribution")
 
 _MODEL = flags.DEFINE_string(
     "model_path", "../shared/models/vgg16_w0.5_cifar10.keras",
@@ -121,28 +120,6 @@ def patch_relu_aware(iterations):
     target_class.refit = refit
 
 
-def pairwise_civs(model, train, names, pair, samples):
-    """Taylor CIVs of the two-class problem: the logits of the other
-    classes pushed to -1e9, so `log_softmax` is the pair's log-odds."""
-    mask = np.full((len(names),), -1e9, "float32")
-    mask[list(pair)] = 0
-    attribution = attribution_module.Attribution
-    plain_init = attribution.__init__
-
-    def init(self, *args, **kwargs):
-        plain_init(self, *args, **kwargs)
-        inner = self.logits_model
-        self.logits_model = lambda x, training=False: (
-            inner(x, training=training) + tf.constant(mask))
-
-    attribution.__init__ = init
-    try:
-        return kd.dissect(model, train, samples_per_class=samples,
-                          class_names=names, verbose=0, method="taylor")
-    finally:
-        attribution.__init__ = plain_init
-
-
 def main(_):
     model, _, names = cifar_models.loaded(_MODEL.value)
     scale = cifar_models.pixel_scale(model)
@@ -163,7 +140,9 @@ def main(_):
         images = images[np.random.default_rng(0).permutation(len(images))]
         start = time.time()
         if _VARIANT.value == "pairwise":
-            civs = pairwise_civs(model, train, names, pair, _SAMPLES.value)
+            civs = kd.dissect(model, train, samples_per_class=_SAMPLES.value,
+                              class_names=names, method="taylor",
+                              classes=list(pair), verbose=0)
         budget = kd.allocate_budget(model, civs, list(pair),
                                     max_params=_MAX_PARAMS.value,
                                     exponent=2.0)

@@ -37,10 +37,9 @@ class Attribution:
     `y` is the image's label when one is given (the class whose importance
     vector the image joins), else (or where it is -1) the model's top-1.
     With `classes`, `p` is the softmax over those classes only (the
-    sub-task's own output), so a channel scores by what it does for telling
-    them apart. A
-    gate called at several call sites (a shared nested model) gets the mean
-    of its sites. `keras_drnet.dissect(model, ds, method=...)` runs it.
+    sub-task's own output; the top-1 is taken among them), so a channel
+    scores by what it does for telling them apart. A gate called at
+    several call sites (a shared nested model) gets the mean of its sites. `keras_drnet.dissect(model, ds, method=...)` runs it.
 
     Args:
         gated_model: a model returned by `keras_drnet.inject_gates()`.
@@ -61,6 +60,12 @@ class Attribution:
             raise ValueError(
                 "`method` must be one of ['activation', 'frat', 'taylor'] "
                 f"(`GateFitter` computes 'cdrp'). Received: method={method!r}"
+            )
+        if classes is not None and method == "activation":
+            raise ValueError(
+                "`classes` sets the softmax whose gradient scores a channel; "
+                "'activation' reads no gradient. Received: "
+                f"method='activation', classes={classes!r}"
             )
         self.gated_model = gated_model
         self.classes = None if classes is None else tuple(classes)

@@ -143,6 +143,15 @@ class CIVs:
         return self.vectors.shape[1]
 
     @property
+    def subtask_classes(self):
+        """Names of the one sub-task's classes these CIVs were dissected
+        for (`dissect(..., classes=...)`), or `None` (every class)."""
+        indices = self.config.get("classes")
+        if indices is None:
+            return None
+        return [self.class_names[i] for i in indices]
+
+    @property
     def missing(self):
         """Names of the classes no image was seen for."""
         return [n for n, c in zip(self.class_names, self.counts) if c == 0]
@@ -170,12 +179,13 @@ class CIVs:
                 "A class must be a name (str) or an index (int). "
                 f"Received: {cls!r} of type {type(cls).__name__}"
             )
-        dissected_for = self.config.get("classes")
-        if self.counts[index] == 0 and dissected_for is not None:
+        subtask = self.subtask_classes
+        if self.counts[index] == 0 and subtask and (
+            self.class_names[index] not in subtask
+        ):
             raise ValueError(
                 f"Class '{self.class_names[index]}' has no CIV: these CIVs "
-                f"were dissected for the sub-task "
-                f"{[self.class_names[i] for i in dissected_for]} only "
+                f"were dissected for the sub-task {subtask} only "
                 "(`dissect(..., classes=...)`). Dissect without `classes` "
                 "for other sub-tasks."
             )
@@ -323,6 +333,8 @@ class CIVs:
             if c
         )
         method = self.config.get("method", "cdrp")
+        if self.subtask_classes:
+            method += f", for the sub-task {self.subtask_classes}"
         text = (
             f"<CIVs ({method}) {self.num_classes} classes x "
             f"{self.total_channels} channels in {len(self.layout)} gates; "

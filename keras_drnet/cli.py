@@ -384,7 +384,9 @@ def dissect():
         # The default checkpoint has done its job; left behind, it would be
         # resumed by the next run with other data.
         shutil.rmtree(checkpoint, ignore_errors=True)
-    print(f"Wrote {out}: {civs.num_classes} classes, "
+    scope = (f" for the sub-task {'-'.join(civs.subtask_classes)}"
+             if civs.subtask_classes else "")
+    print(f"Wrote {out}: {civs.num_classes} classes{scope}, "
           f"{civs.total_channels} channels in {len(civs.layout)} gates.")
 
 

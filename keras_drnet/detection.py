@@ -89,6 +89,14 @@ class PathDetector:
                     "dissect()` or `CIVs.load()`), or a list of them. "
                     f"Received: {type(one).__name__}"
                 )
+            if one.subtask_classes:
+                raise ValueError(
+                    "The CIVs were dissected for the sub-task "
+                    f"{one.subtask_classes} (`dissect(..., classes=...)`): "
+                    "the detector compares an image with the class the "
+                    "model predicts, out of all of them. Dissect without "
+                    "`classes`."
+                )
             missing = [n for n, c in zip(one.class_names, one.counts)
                        if not c]
             if missing:

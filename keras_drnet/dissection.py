@@ -178,7 +178,7 @@ def dissect(
     for it; the other methods read the network once per image (see
     `keras_drnet.attribution.Attribution`). Scores are summed as they come,
     so memory does not grow with the dataset, and reading stops once every
-    class has its images.
+    class read (all of them, or those of `classes`) has its images.
 
     Args:
         model: a Keras classifier (logits or softmax output) that takes the

@@ -68,11 +68,10 @@ def resolve_classes(civs, classes):
             f"`classes` names the same class more than once: {duplicates}. "
             f"Received: classes={classes}"
         )
-    dissected_for = civs.config.get("classes")
-    if dissected_for is not None and sorted(indices) != sorted(dissected_for):
-        names = [civs.class_names[i] for i in dissected_for]
+    subtask = civs.subtask_classes
+    if subtask and sorted(indices) != civs.config["classes"]:
         raise ValueError(
-            f"These CIVs were dissected for the sub-task {names} (`dissect("
+            f"These CIVs were dissected for the sub-task {subtask} (`dissect("
             "..., classes=...)`): they rank channels for telling those "
             "classes apart, not for a sub-task of some of them. Dissect "
             f"with these classes, or without `classes`. Received: "

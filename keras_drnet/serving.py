@@ -91,6 +91,14 @@ def export_dynamic(
             f"Received: selection={selection}"
         )
     selection.check_layout(civs.layout)
+    if civs.subtask_classes:
+        raise ValueError(
+            "`export_dynamic` serves any sub-task a request names, but these "
+            f"CIVs were dissected for the sub-task {civs.subtask_classes} "
+            "only (`dissect(..., classes=...)`). Dissect without `classes`, "
+            "or export that sub-task: `kd.export(kd.repair(sub, images), "
+            "...)`."
+        )
     subtasks = _named_subtasks(subtasks, civs)
     logits_model, _ = split_softmax(gated_model)
     gates = [spec.layer for spec in list_gates(gated_model)]

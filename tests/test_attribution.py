@@ -7,6 +7,8 @@ maps the gates sit on (conv1, relu2, fc1), with no gate and no code shared
 with `keras_drnet.attribution`.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -120,10 +122,13 @@ def test_subtask_classes_score_against_their_own_softmax(data, xy, method,
     x, y = xy
     model = data["model"]
     pair = [8, 3]
-    civs = kd.dissect(model, (x, y), samples_per_class=K, method=method,
-                      classes=[dm.CLASS_NAMES[c] for c in pair],
-                      class_names=dm.CLASS_NAMES, batch_size=8, verbose=0)
     # Only the pair's images are read; no warning about the other classes.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        civs = kd.dissect(model, (x, y), samples_per_class=K, method=method,
+                          classes=[dm.CLASS_NAMES[c] for c in pair],
+                          class_names=dm.CLASS_NAMES, batch_size=8,
+                          verbose=0)
     assert [c for c in range(dm.NUM_CLASSES) if civs.counts[c]] == [3, 8]
     assert civs.counts[3] == civs.counts[8] == K
     assert civs.config["classes"] == [3, 8]
@@ -151,12 +156,52 @@ def test_subtask_classes_score_against_their_own_softmax(data, xy, method,
                            r"CIVs were dissected for the sub-task \['three', "
                            r"'eight'\] only"):
             kd.subtask(model, ready, ["one", "three"], budget=0.5)
+    assert "for the sub-task ['three', 'eight']" in repr(loaded)
+    # The detector and the per-request export need every class's CIV.
+    with pytest.raises(ValueError, match=r"dissected for the sub-task "
+                       r"\['three', 'eight'\].*Dissect without `classes`"):
+        kd.PathDetector(model, civs)
+    with pytest.raises(ValueError, match=r"`export_dynamic` serves any "
+                       r"sub-task.*\['three', 'eight'\] only"):
+        kd.export_dynamic(model, civs, str(tmp_path / "served"), budget=0.5)
+
+
+def test_a_subtask_class_without_images_is_named(data, xy):
+    x, y = xy
+    keep = y != 8
+    with pytest.warns(UserWarning, match=r"No image was averaged for "
+                      r"classes \['eight'\]"):
+        civs = kd.dissect(data["model"], (x[keep], y[keep]),
+                          samples_per_class=K, method="taylor",
+                          classes=["three", "eight"],
+                          class_names=dm.CLASS_NAMES, verbose=0)
+    with pytest.raises(ValueError, match="Class 'eight' has no CIV: no "
+                       "image of it was seen"):
+        civs.index("eight")
+
+
+def test_resuming_with_other_subtask_classes_is_refused(data, xy, tmp_path):
+    x, y = xy
+    settings = dict(samples_per_class=None, batch_size=8, method="taylor",
+                    classes=["three", "eight"], class_names=dm.CLASS_NAMES,
+                    verbose=0)
+    plain = kd.dissect(data["model"], (x, y), **settings)
+    directory = str(tmp_path / "ckpt")
+    kd.dissect(data["model"], (x[:40], y[:40]), checkpoint_dir=directory,
+               **settings)
+    resumed = kd.dissect(data["model"], (x, y), checkpoint_dir=directory,
+                         **settings)
+    np.testing.assert_array_equal(resumed.vectors, plain.vectors)
+    with pytest.raises(ValueError, match="classes"):
+        kd.dissect(data["model"], (x, y), checkpoint_dir=directory,
+                   **dict(settings, classes=["three", "one"]))
 
 
 @pytest.mark.parametrize("method, classes, message", [
     ("cdrp", [1, 2], r"needs `method='taylor'` or `'frat'`. Received: "
                      r"method='cdrp', classes=\[1, 2\]"),
     ("activation", [1, 2], r"Received: method='activation'"),
+    ("frat", [1, 2, 1], r"names the same class more than once"),
     ("taylor", [1], r"at least two classes.*Received: classes=\[1\]"),
     ("taylor", [1, 1], r"names the same class more than once"),
     ("taylor", ["one", "thre"], r"Unknown class name 'thre'.*Did you mean "
