@@ -39,7 +39,8 @@ class Attribution:
     With `classes`, `p` is the softmax over those classes only (the
     sub-task's own output; the top-1 is taken among them), so a channel
     scores by what it does for telling them apart. A gate called at
-    several call sites (a shared nested model) gets the mean of its sites. `keras_drnet.dissect(model, ds, method=...)` runs it.
+    several call sites (a shared nested model) gets the mean of its sites.
+    `keras_drnet.dissect(model, ds, method=...)` runs it.
 
     Args:
         gated_model: a model returned by `keras_drnet.inject_gates()`.

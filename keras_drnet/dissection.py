@@ -312,10 +312,8 @@ def dissect(
 
     limit = samples_per_class
     # The classes whose images are read: all, or the sub-task's.
-    reading = np.ones(num_classes, bool)
-    if classes is not None:
-        reading[:] = False
-        reading[classes] = True
+    reading = np.isin(np.arange(num_classes),
+                      np.arange(num_classes) if classes is None else classes)
     target = None if limit is None else limit * int(reading.sum())
     progress = Progress(target, verbose)
     progress.add(int(counts.sum()))
