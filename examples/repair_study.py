@@ -102,11 +102,11 @@ def budget_for(model, civs, pair, allocation):
     kind, _, value = allocation.partition(":")
     if kind == "uniform":
         return float(value)
-    if kind in ("cost", "score"):
+    if kind == "cost":
         exponent, _, params = value.partition("@")
         return kd.allocate_budget(model, civs, list(pair),
                                   max_params=float(params),
-                                  exponent=float(exponent), by=kind)
+                                  exponent=float(exponent))
     raise ValueError(f"Unknown allocation {allocation!r}")
 
 

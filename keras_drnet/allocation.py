@@ -19,7 +19,6 @@ from keras_drnet.model_surgery import list_gates
 from keras_drnet.model_surgery import split_softmax
 from keras_drnet.reconstruction import combine
 from keras_drnet.reconstruction import resolve_classes
-from keras_drnet.selection import gate_spans
 
 # Chosen on the CIFAR-10 VGG16 w0.5 (docs/results.md): 0 is one fraction
 # for every gate.
@@ -27,8 +26,7 @@ EXPONENT = 2.0
 
 
 def allocate_budget(
-    model, civs, classes, max_params=None, max_flops=None, exponent=EXPONENT,
-    by="cost",
+    model, civs, classes, max_params=None, max_flops=None, exponent=EXPONENT
 ):
     """Per-gate channel fractions for a sub-task of a given size.
 
@@ -96,39 +94,6 @@ def allocate_budget(
     costs = np.where(costs > 0, costs, np.nan)
     relative = costs / np.exp(np.nanmean(np.log(costs)))
     relative = np.where(np.isnan(relative), 1.0, relative)
-
-    if by == "score":
-        # One threshold over all channels on score / cost^exponent: a
-        # knapsack-like global ranking, whose per-gate counts follow how
-        # much of each gate's score mass the sub-task needs.
-        scores = civs.vectors[list(indices)].max(axis=0)
-        keys = np.concatenate([
-            scores[a:b] * relative[g] ** -exponent
-            for g, (a, b) in enumerate(gate_spans(civs.layout))
-        ])
-        spans = gate_spans(civs.layout)
-        positive = keys[keys > 0]
-
-        def fractions_at(threshold):
-            return [max(1, int((keys[a:b] >= threshold).sum())) / (b - a)
-                    for a, b in spans]
-
-        if positive.size == 0:
-            raise ValueError(
-                "`by='score'` needs some channel with a positive score; "
-                "these CIVs score every channel of these classes 0.")
-        # The size falls with the threshold: bisect log(threshold).
-        low = np.log(positive.min()) - 1.0
-        high = np.log(positive.max()) + 1.0
-        if size(fractions_at(np.exp(low))) <= limit * size.total:
-            return [float(f) for f in fractions_at(np.exp(low))]
-        for _ in range(40):
-            middle = (low + high) / 2
-            if size(fractions_at(np.exp(middle))) <= limit * size.total:
-                high = middle
-            else:
-                low = middle
-        return [float(f) for f in fractions_at(np.exp(high))]
 
     def fractions_at(scale):
         return list(np.clip(scale * relative ** -exponent, 1 / widths, 1.0))
